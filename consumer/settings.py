@@ -1,0 +1,223 @@
+"""Configuration: the one validated `Settings` object, built at start-up from the environment and `.env`.
+
+Variable names of the old Flask sidecar are kept (AWS_REGION, S3_BUCKET, OPENAI_API_KEY, SIDE_CAR_SECRET,
+WP_SIDE_CAR_CALLBACK, WP_SERVER_TOKEN, SEND_X_SERVER_TOKEN_HEADER). Nothing here runs at import time;
+`load_settings()` turns every problem into a `ConfigError` line that names the variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from consumer.errors import ConfigError
+
+SQS_MAX_VISIBILITY = 12 * 60 * 60
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for localhost and loopback addresses (where plain http is acceptable)."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the daemon and its tools; the field name upper-cased is the environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- where it runs
+    environment: Literal["dev", "prod", "test"] = Field("dev", description="ENVIRONMENT: dev, prod or test.")
+
+    # --- AWS (boto3 also reads its own variables and profiles; these exist so .env files work too)
+    aws_region: str = Field("us-east-1", description="AWS region of the queue and the bucket.")
+    aws_endpoint_url: str | None = Field(None, description="Endpoint for local stacks (moto, LocalStack).")
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+
+    # --- queue
+    sqs_queue_url: str | None = Field(None, description="URL of the job queue (required to run).")
+    sqs_dlq_url: str | None = Field(None, description="Dead-letter queue; found from RedrivePolicy if unset.")
+    concurrency: int = Field(4, ge=1, le=64, description="Worker threads = jobs in flight per process.")
+    visibility_timeout: int = Field(120, ge=5, le=SQS_MAX_VISIBILITY, description="Seconds a job is hidden.")
+    heartbeat_interval: float | None = Field(
+        None, gt=0, description="Seconds between visibility extensions (default: a third of the timeout)."
+    )
+    poll_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait.")
+    shutdown_grace: float = Field(60, ge=0, description="Seconds in-flight jobs get after SIGTERM.")
+    retry_base_delay: float = Field(15, ge=0, description="First retry backoff, seconds; doubles per attempt.")
+    retry_max_delay: float = Field(900, ge=0, le=SQS_MAX_VISIBILITY, description="Backoff cap, seconds.")
+    queue_metrics_interval: float = Field(60, gt=0, description="Seconds between queue-depth polls.")
+
+    # --- audio in S3
+    s3_bucket: str | None = Field(None, description="Default bucket of the recordings.")
+    s3_allowed_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Other buckets a job may name (comma-separated)."
+    )
+    s3_key_prefix: str | None = Field(None, description="When set, every s3_key must start with it.")
+    results_prefix: str = Field("transcripts/", description="Where transcripts are stored for idempotency.")
+    max_audio_bytes: int = Field(1024**3, gt=0, description="Largest recording accepted, bytes.")
+    max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest recording accepted, seconds.")
+    temp_dir: Path | None = Field(None, description="Parent of the private work directory.")
+
+    # --- transcription
+    transcriber: Literal["openai", "local"] | None = Field(
+        None, description="openai or local; default openai when an OpenAI key or base URL is set."
+    )
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the SDK's own name).")
+    transcribe_model: str = Field("gpt-transcribe", description="OpenAI transcription model.")
+    openai_max_retries: int = Field(
+        1, ge=0, le=5, description="SDK retries per attempt; they stack with SQS redelivery."
+    )
+    transcribe_timeout: float = Field(600, gt=0, description="Seconds one transcription request may take.")
+    transcribe_parallelism: int = Field(4, ge=1, le=16, description="Chunks of one recording sent at once.")
+    whisper_model: str = Field("base", description="faster-whisper model name or CTranslate2 directory.")
+    whisper_device: Literal["auto", "cpu", "cuda"] = "auto"
+    whisper_compute_type: str | None = Field(None, description="Default int8 on CPU, float16 on CUDA.")
+
+    # --- signing (SIDE_CAR_SECRET may hold several comma-separated secrets: the first signs, any verifies)
+    side_car_secret: SecretStr | None = None
+    require_signature: bool | None = Field(None, description="Default: true when SIDE_CAR_SECRET is set.")
+    signature_max_age: int | None = Field(None, gt=0, description="Reject signatures older than this.")
+
+    # --- WordPress callback
+    wp_side_car_callback: str | None = Field(None, description="URL of .../salestrainer/v1/upload-complete.")
+    wp_server_token: SecretStr | None = None
+    send_x_server_token_header: bool = True
+    allow_insecure_callback: bool = Field(False, description="Permit http:// to a non-loopback host.")
+    callback_timeout: float = Field(30, gt=0, description="Seconds for the callback (connect and read).")
+
+    # --- observability
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9002, ge=0, le=65535, description="Port of /metrics and /health (0: any).")
+    health_stall_seconds: float = Field(90, gt=0, description="Poll-loop silence after which /health is 503.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    log_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: object) -> object:
+        if isinstance(data, dict):
+            data = {k: (None if v == "" else v) for k, v in data.items()}
+            for key in ("s3_allowed_buckets", "S3_ALLOWED_BUCKETS"):
+                if key in data:
+                    data[key] = _split_csv(data[key]) or []
+            for key in ("log_level", "LOG_LEVEL"):
+                if isinstance(data.get(key), str):
+                    data[key] = data[key].upper()
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Settings:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---------------------------------------------------------------- derived values
+
+    @property
+    def secrets(self) -> list[str]:
+        """Signing secrets, first one signs."""
+        raw = self.side_car_secret.get_secret_value() if self.side_car_secret else ""
+        return [s.strip() for s in raw.split(",") if s.strip()]
+
+    @property
+    def signature_required(self) -> bool:
+        return bool(self.secrets) if self.require_signature is None else self.require_signature
+
+    @property
+    def transcriber_kind(self) -> Literal["openai", "local"]:
+        if self.transcriber:
+            return self.transcriber
+        return "openai" if (self.openai_api_key or self.openai_base_url) else "local"
+
+    @property
+    def heartbeat_every(self) -> float:
+        return self.heartbeat_interval or max(1.0, self.visibility_timeout / 3)
+
+    @property
+    def allowed_buckets(self) -> set[str]:
+        return {b for b in [self.s3_bucket, *self.s3_allowed_buckets] if b}
+
+    def secret_values(self) -> list[str]:
+        """Every secret's plain value, for the log redaction filter."""
+        fields = (self.openai_api_key, self.wp_server_token, self.aws_secret_access_key, self.aws_session_token)
+        values = [f.get_secret_value() for f in fields if f is not None]
+        return [v for v in [*values, *self.secrets] if len(v) >= 4]
+
+    def problems(self) -> list[str]:
+        """Cross-field problems, one line each naming the variable."""
+        out: list[str] = []
+        if self.environment == "prod" and not self.secrets:
+            out.append("SIDE_CAR_SECRET: required when ENVIRONMENT=prod (jobs must be signed)")
+        if self.require_signature and not self.secrets:
+            out.append("REQUIRE_SIGNATURE: true needs SIDE_CAR_SECRET")
+        if self.heartbeat_interval and self.heartbeat_interval >= self.visibility_timeout:
+            out.append("HEARTBEAT_INTERVAL: must be shorter than VISIBILITY_TIMEOUT")
+        if self.wp_side_car_callback:
+            parts = urlsplit(self.wp_side_car_callback)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                out.append("WP_SIDE_CAR_CALLBACK: not an http(s) URL")
+            elif parts.scheme == "http" and not (
+                self.allow_insecure_callback or is_loopback_host(parts.hostname)
+            ):
+                out.append("WP_SIDE_CAR_CALLBACK: https is required (or ALLOW_INSECURE_CALLBACK=true)")
+            elif parts.username or parts.password:
+                out.append("WP_SIDE_CAR_CALLBACK: must not carry credentials")
+        if self.transcriber == "openai" and not (self.openai_api_key or self.openai_base_url):
+            out.append("OPENAI_API_KEY: required when TRANSCRIBER=openai")
+        if self.retry_max_delay < self.retry_base_delay:
+            out.append("RETRY_MAX_DELAY: must be at least RETRY_BASE_DELAY")
+        return out
+
+    def run_problems(self) -> list[str]:
+        """What `sidecar run` needs beyond what every command needs."""
+        out = []
+        if not self.sqs_queue_url:
+            out.append("SQS_QUEUE_URL: required (the job queue's URL)")
+        if not self.s3_bucket:
+            out.append("S3_BUCKET: required (the recordings' bucket)")
+        if not self.wp_side_car_callback:
+            out.append("WP_SIDE_CAR_CALLBACK: required (WordPress upload-complete URL)")
+        if not self.wp_server_token:
+            out.append("WP_SERVER_TOKEN: required (sent in the callback body)")
+        return out
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: object) -> Settings:
+    """Build Settings from the environment (and .env), or raise ConfigError naming each variable."""
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if loc:
+                problems.append(f"{loc.upper()}: {msg}")
+            else:
+                problems.extend(msg.split("; "))
+        raise ConfigError(problems) from None
