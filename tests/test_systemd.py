@@ -1,0 +1,131 @@
+"""The systemd template unit: `systemd-analyze verify` is clean, the hardening scores ≤ 2.5, and the
+directives the daemon's lifecycle relies on (notify, watchdog, stop timeout above the grace) are there."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from consumer.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "salestrainer-sidecar@.service"
+MAX_EXPOSURE = 2.5
+
+
+def _systemd_analyze() -> str:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        reason = "systemd-analyze not installed (scripts/install-system-deps.sh installs the systemd package)"
+        print(reason)
+        pytest.skip(reason)
+    return exe
+
+
+def _directives(text: str) -> dict[str, list[str]]:
+    """Key → values of every `Key=value` line (keys may repeat), ignoring comments and sections."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|min|m)?", value)
+    assert match, f"unexpected time span {value!r}"
+    number, unit = float(match[1]), match[2] or "s"
+    return number * 60 if unit in ("min", "m") else number
+
+
+def _instantiate(tmp_path: Path, instance: str) -> Path:
+    """A copy of the real unit named for `instance`, whose ExecStart points at an executable stub.
+
+    `verify` fails on an ExecStart binary that does not exist ("is not executable"), and the checkout
+    under /opt does not exist here; nothing else is changed. User=/EnvironmentFile=/WorkingDirectory=
+    are only resolved when the unit starts, so verify does not need them to exist.
+    """
+    stub = tmp_path / "bin" / "sidecar"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    text = UNIT.read_text()
+    real = "ExecStart=/opt/salestrainer-sidecar/%i/.venv/bin/sidecar run"
+    assert real in text.splitlines()
+    unit = tmp_path / f"salestrainer-sidecar@{instance}.service"
+    unit.write_text(text.replace(real, f"ExecStart={stub} run"))
+    return unit
+
+
+@pytest.mark.parametrize("instance", ["prod", "dev"])
+def test_verify_is_clean(tmp_path: Path, instance: str) -> None:
+    exe = _systemd_analyze()
+    unit = _instantiate(tmp_path, instance)
+    proc = subprocess.run(
+        [exe, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    output = proc.stdout + proc.stderr
+    ours = [line for line in output.splitlines() if "salestrainer" in line]
+    assert proc.returncode == 0, output
+    assert ours == [], output
+
+
+def test_security_exposure_is_low() -> None:
+    exe = _systemd_analyze()
+    proc = subprocess.run(
+        [exe, "security", "--offline=true", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
+    assert match, output
+    exposure = float(match[1])
+    print(match[0])
+    assert exposure <= MAX_EXPOSURE, output
+
+
+def test_lifecycle_directives() -> None:
+    d = _directives(UNIT.read_text())
+    assert d["Type"] == ["notify"]
+    assert d["NotifyAccess"] == ["main"]
+    assert d["KillMode"] == ["mixed"]
+    assert d["Restart"] == ["on-failure"]
+    assert d["EnvironmentFile"] == ["/etc/salestrainer-sidecar/%i.env"]
+    assert d["WorkingDirectory"] == ["/opt/salestrainer-sidecar/%i"]
+    assert d["ExecStart"] == ["/opt/salestrainer-sidecar/%i/.venv/bin/sidecar run"]
+    # The daemon pings only while polling, and one poll may take POLL_WAIT_SECONDS (≤ 20 s).
+    assert _seconds(d["WatchdogSec"][0]) > 2 * Settings.model_fields["poll_wait_seconds"].default
+    # SIGTERM gives in-flight jobs SHUTDOWN_GRACE; systemd must not SIGKILL them before that.
+    assert _seconds(d["TimeoutStopSec"][0]) > Settings.model_fields["shutdown_grace"].default
+    assert d["User"] == ["salestrainer"]
+    assert d["Group"] == ["www-data"]
+
+
+def test_hardening_directives() -> None:
+    d = _directives(UNIT.read_text())
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+        "SystemCallArchitectures": "native",
+        "UMask": "0077",
+    }.items():
+        assert d.get(key) == [value], key
+    assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert "@system-service" in d["SystemCallFilter"]
+    # It talks to AWS and OpenAI: an IP allow list would break it.
+    assert "IPAddressDeny" not in d
+    assert "PrivateNetwork" not in d
