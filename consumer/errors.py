@@ -3,10 +3,12 @@
     ConsumerError                  code, message; never raised itself
     ├── RetryableError             the job may succeed later; optional delay (seconds) hint
     │     s3_unavailable, transcription_unavailable, rate_limited, callback_unavailable,
-    │     shutting_down
+    │     shutting_down, job_in_progress, internal_error (an unexpected exception)
     └── PermanentError             retrying cannot help; the job is failed and dead-lettered
-          invalid_message, bad_signature, audio_not_found, audio_too_large, audio_too_long,
-          unsupported_audio, transcription_rejected, callback_rejected, forbidden_input
+          │ audio_not_found, audio_too_large, audio_too_long, unsupported_audio,
+          │ transcription_rejected, callback_rejected
+          └── InvalidMessageError  the message is not a valid job (what could be read rides along)
+                invalid_message, bad_signature, forbidden_input, body_too_large
 
     ConfigError                    a setting is missing or invalid (start-up only, exit status 2)
 
@@ -48,6 +50,17 @@ class PermanentError(ConsumerError):
     """A failure retrying cannot fix: WordPress is told and the message is dead-lettered."""
 
     default_code = "invalid_message"
+
+
+class InvalidMessageError(PermanentError):
+    """A message that is not a valid job; carries what could be read of it for the failed callback."""
+
+    def __init__(
+        self, message: str, *, code: str = "invalid_message", job_id: str | None = None, s3_key: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.job_id = job_id
+        self.s3_key = s3_key
 
 
 class ConfigError(Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -125,8 +125,9 @@ class Settings(BaseSettings):
                 if key in data:
                     data[key] = _split_csv(data[key]) or []
             for key in ("log_level", "LOG_LEVEL"):
-                if isinstance(data.get(key), str):
-                    data[key] = data[key].upper()
+                level = data.get(key)
+                if isinstance(level, str):
+                    data[key] = level.upper()
         return data
 
     @model_validator(mode="after")
@@ -207,10 +208,10 @@ class Settings(BaseSettings):
         return out
 
 
-def load_settings(env_file: str | Path | None = ".env", **overrides: object) -> Settings:
+def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
     """Build Settings from the environment (and .env), or raise ConfigError naming each variable."""
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]  # pydantic-settings init kwarg
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

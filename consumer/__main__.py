@@ -1,0 +1,203 @@
+"""Command line: `sidecar run|dev|check|enqueue|schema|dlq`. Builds Settings, logging and clients here.
+
+A configuration problem exits with status 2 and one line per problem naming the variable; no command
+prints a traceback for an expected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from consumer import __version__
+from consumer.errors import ConfigError, ConsumerError
+from consumer.settings import Settings, load_settings
+
+EXIT_CONFIG = 2
+
+log = logging.getLogger("consumer")
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**overrides)
+
+
+def _logging(settings: Settings) -> None:
+    from consumer.logs import setup_logging
+
+    setup_logging(level=settings.log_level, fmt=settings.log_format, log_file=settings.log_file,
+                  secrets=settings.secret_values())
+
+
+def _clients(settings: Settings) -> Any:
+    from consumer.aws import make_clients
+
+    return make_clients(settings)
+
+
+def cmd_run(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
+    from consumer.app import build_daemon, install_signal_handlers
+    from consumer.sdnotify import Notifier
+
+    settings = _settings(**(overrides or {}))
+    _logging(settings)
+    sqs, s3 = _clients(settings)
+    daemon = build_daemon(settings, sqs=sqs, s3=s3, notifier=Notifier(os.environ.get("NOTIFY_SOCKET")))
+    port = daemon.serve(host=settings.metrics_host, port=settings.metrics_port).port
+    log.info("metrics_listening", extra={"host": settings.metrics_host, "port": port})
+    install_signal_handlers(daemon.worker)
+    return daemon.run(drain=getattr(args, "drain", False))
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from consumer.devstack import SAMPLE, start_local_stack
+
+    settings = _settings()
+    if settings.sqs_queue_url:
+        return cmd_run(args)
+    _logging(settings)
+    overrides: dict[str, Any] = start_local_stack(settings.aws_region)
+    local = _settings(**overrides)
+    if local.transcriber_kind == "openai" or SAMPLE.exists():
+        from consumer.ops import enqueue
+
+        sqs, s3 = _clients(local)
+        if SAMPLE.exists():
+            sent = enqueue(local, sqs, s3, str(SAMPLE), job_id="sample-recording")
+            log.info("sample_enqueued", extra=sent)
+    return cmd_run(args, overrides)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from consumer.ops import dependency_checks, run_checks
+
+    settings = _settings()
+    sqs, s3 = _clients(settings)
+    return 0 if run_checks(dependency_checks(settings, sqs, s3)) else 1
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from consumer.ops import enqueue
+
+    settings = _settings()
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else None
+    except ValueError as exc:
+        raise ConfigError([f"--metadata: not JSON: {exc}"]) from None
+    sqs, s3 = _clients(settings)
+    print(json.dumps(enqueue(settings, sqs, s3, args.source, job_id=args.job_id, metadata=metadata,
+                             language=args.language)))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from consumer.models import json_schema
+
+    print(json.dumps(json_schema(args.name), indent=2))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from consumer import dlq
+    from consumer.app import find_dlq
+    from consumer.sqs import SqsQueue
+
+    settings = _settings()
+    if not settings.sqs_queue_url:
+        raise ConfigError(["SQS_QUEUE_URL: required (the DLQ is found from the queue's RedrivePolicy)"])
+    sqs, _ = _clients(settings)
+    source = SqsQueue(sqs, settings.sqs_queue_url)
+    dlq_url, _ = find_dlq(sqs, source, settings)
+    if not dlq_url:
+        raise ConfigError(["SQS_DLQ_URL: not set and the queue has no RedrivePolicy"])
+    dead = SqsQueue(sqs, dlq_url)
+    if args.action == "ls":
+        count = dlq.list_dead_letters(dead)
+        print(f"{count} message(s) in {dlq_url}", file=sys.stderr)
+    elif args.action == "redrive":
+        if not args.all and not args.job_id:
+            raise ConfigError(["dlq redrive: name --job-id ID (repeatable) or --all"])
+        moved = dlq.redrive(dead, source, job_ids=None if args.all else set(args.job_id))
+        print(f"redrove {moved} message(s) to {settings.sqs_queue_url}", file=sys.stderr)
+    elif args.action == "purge":
+        if not args.yes:
+            raise ConfigError(["dlq purge: deletes every dead letter for good; add --yes to confirm"])
+        dead.purge()
+        print(f"purged {dlq_url}", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidecar",
+        description="SalesTrainer transcription sidecar: consumes transcription jobs from SQS, transcribes the "
+                    "recording from S3 and calls WordPress back. Configuration comes from the environment and "
+                    "an optional .env file (see .env.example).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon", description="Long-poll SQS and process jobs until "
+                         "SIGTERM/SIGINT (graceful; a second signal exits at once).")
+    run.add_argument("--drain", action="store_true", help="exit once the queue is empty (batch use)")
+    run.set_defaults(fn=cmd_run)
+
+    dev = sub.add_parser("dev", help="run the daemon; on an embedded local stack when SQS_QUEUE_URL is unset",
+                         description="What `make run` calls. Without SQS_QUEUE_URL it starts moto (SQS+S3) "
+                         "on 127.0.0.1, a WordPress stand-in that prints callbacks, enqueues a sample recording "
+                         "and runs the daemon against them.")
+    dev.set_defaults(fn=cmd_dev, drain=False)
+
+    check = sub.add_parser("check", help="validate the configuration and reach every dependency",
+                           description="One line per check with a pass/fail mark; exit 1 if any failed.")
+    check.set_defaults(fn=cmd_check)
+
+    enq = sub.add_parser("enqueue", help="upload a recording (if local) and send a signed job",
+                         description="Send a job for PATH_OR_S3_KEY. A local file is uploaded to S3_BUCKET first "
+                         "(under S3_KEY_PREFIX). The job is signed with the first SIDE_CAR_SECRET when set.")
+    enq.add_argument("source", metavar="PATH_OR_S3_KEY")
+    enq.add_argument("--job-id", help="job id (default: a random one)")
+    enq.add_argument("--metadata", help="JSON object echoed back in the callback")
+    enq.add_argument("--language", help="ISO-639-1 language hint")
+    enq.set_defaults(fn=cmd_enqueue)
+
+    schema = sub.add_parser("schema", help="print a contract's JSON Schema",
+                            description="JSON Schema of the job message or the callback payload.")
+    schema.add_argument("name", choices=["job", "callback"])
+    schema.set_defaults(fn=cmd_schema)
+
+    dlq = sub.add_parser("dlq", help="list, redrive or purge dead letters",
+                         description="The dead-letter queue is SQS_DLQ_URL or the queue's RedrivePolicy target.")
+    dsub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dsub.add_parser("ls", help="list dead letters: job_id, error_code, failed_at, receive count")
+    red = dsub.add_parser("redrive", help="move dead letters back to the source queue")
+    red.add_argument("--job-id", action="append", help="redrive this job (repeatable)")
+    red.add_argument("--all", action="store_true", help="redrive every dead letter")
+    pur = dsub.add_parser("purge", help="delete every dead letter")
+    pur.add_argument("--yes", action="store_true", help="confirm")
+    dlq.set_defaults(fn=cmd_dlq)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"configuration error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConsumerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Wiring: builds the clients, the pipeline and the worker from Settings, and runs the daemon.
+
+Everything is constructed here and handed down, so tests can hand in clients pointed at local servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import requests
+
+from consumer.backpressure import RateGate
+from consumer.deliver import Deliverer, make_session
+from consumer.errors import ConfigError, ConsumerError
+from consumer.metrics import Metrics, SidePortServer
+from consumer.pipeline import Pipeline
+from consumer.results import ResultStore
+from consumer.sdnotify import Notifier
+from consumer.settings import Settings
+from consumer.sqs import SqsQueue, queue_url_for_arn
+from consumer.transcribe import Transcriber, build_transcriber
+from consumer.worker import Worker
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sqs import SQSClient
+
+log = logging.getLogger("consumer.app")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def private_workdir(settings: Settings) -> Path:
+    """A 0700 directory for this process's temp files; leftovers of dead processes are removed."""
+    base = Path(settings.temp_dir or tempfile.gettempdir()) / "salestrainer-sidecar"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    base.chmod(0o700)
+    for child in base.iterdir():
+        if child.name.isdigit() and not _pid_alive(int(child.name)):
+            shutil.rmtree(child, ignore_errors=True)
+            log.info("temp_leftovers_removed", extra={"path": str(child)})
+    mine = base / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)  # a recycled pid's leftovers
+    mine.mkdir(mode=0o700)
+    return mine
+
+
+def find_dlq(sqs: SQSClient, queue: SqsQueue, settings: Settings) -> tuple[str | None, int | None]:
+    """(DLQ URL, maxReceiveCount): SQS_DLQ_URL wins; otherwise the queue's RedrivePolicy."""
+    policy = queue.redrive_policy()
+    max_receives = policy[1] if policy else None
+    if settings.sqs_dlq_url:
+        return settings.sqs_dlq_url, max_receives
+    if policy:
+        return queue_url_for_arn(sqs, policy[0]), max_receives
+    return None, None
+
+
+@dataclass
+class Daemon:
+    worker: Worker
+    metrics: Metrics
+    workdir: Path
+    side_port: SidePortServer | None = None
+
+    def serve(self, *, host: str, port: int) -> SidePortServer:
+        self.side_port = SidePortServer(self.metrics, self.worker.health, host=host, port=port).start()
+        return self.side_port
+
+    def run(self, *, drain: bool = False) -> int:
+        try:
+            return self.worker.run(drain=drain)
+        finally:
+            if self.side_port:
+                self.side_port.stop()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def build_daemon(settings: Settings, *, sqs: SQSClient, s3: S3Client, transcriber: Transcriber | None = None,
+                 session: requests.Session | None = None, stop: threading.Event | None = None,
+                 notifier: Notifier | None = None, metrics: Metrics | None = None) -> Daemon:
+    """Assemble a ready-to-run daemon; raises ConfigError when the queue set-up is unusable."""
+    problems = settings.run_problems()
+    if problems:
+        raise ConfigError(problems)
+    metrics = metrics or Metrics()
+    count = metrics.sqs_requests
+    assert settings.sqs_queue_url and settings.s3_bucket and settings.wp_side_car_callback
+    queue = SqsQueue(sqs, settings.sqs_queue_url, on_request=lambda op: count.labels(op).inc())
+    try:
+        dlq_url, max_receives = find_dlq(sqs, queue, settings)
+    except ConsumerError as exc:
+        raise ConfigError([f"SQS_QUEUE_URL: cannot read the queue: {exc.message}"]) from None
+    dlq = SqsQueue(sqs, dlq_url, on_request=lambda op: count.labels(op).inc()) if dlq_url else None
+    if dlq is None:
+        log.warning("no_dead_letter_queue_configured", extra={"hint": "set SQS_DLQ_URL or a RedrivePolicy"})
+    stop = stop or threading.Event()
+    gate = RateGate(stop, on_paused=metrics.backpressure_seconds.inc)
+    pipeline = Pipeline(
+        settings=settings, s3=s3,
+        transcriber=transcriber or build_transcriber(settings),
+        deliverer=Deliverer(session or make_session(), settings.wp_side_car_callback,
+                            send_token_header=settings.send_x_server_token_header,
+                            timeout=settings.callback_timeout),
+        results=ResultStore(s3, settings.s3_bucket, settings.results_prefix),
+        gate=gate, workdir=private_workdir(settings),
+    )
+    worker = Worker(settings=settings, queue=queue, dlq=dlq, max_receive_count=max_receives, pipeline=pipeline,
+                    metrics=metrics, notifier=notifier, stop=stop)
+    return Daemon(worker=worker, metrics=metrics, workdir=pipeline.workdir)
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit at once."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if worker.stop.is_set():
+            log.warning("second_signal_exit_now", extra={"signal": signum})
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("signal_received", extra={"signal": signal.Signals(signum).name})
+        worker.request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

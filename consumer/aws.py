@@ -1,0 +1,80 @@
+"""boto3 clients built from Settings, and the translation of botocore errors into the project's tree.
+
+Each adapter (sqs, fetch, results) passes its own table of AWS error codes; transport failures are
+always retryable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from consumer.errors import ConsumerError, PermanentError, RetryableError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sqs import SQSClient
+
+    from consumer.settings import Settings
+
+# Long polls hold a connection for up to 20 s, so the read timeout must exceed WaitTimeSeconds.
+# botocore's own "standard" retries cover throttling and 5xx with backoff; SQS redelivery covers the rest.
+BOTO_CONFIG = Config(
+    connect_timeout=5,
+    read_timeout=30,
+    retries={"mode": "standard", "max_attempts": 3},
+    max_pool_connections=64,
+)
+
+# Codes that mean "the same call may work later" for every service.
+TRANSIENT_CODES = frozenset({
+    "Throttling", "ThrottlingException", "RequestThrottled", "SlowDown", "ServiceUnavailable",
+    "InternalError", "InternalFailure", "RequestTimeout", "RequestTimeoutException",
+    "AWS.SimpleQueueService.ServiceUnavailable", "KMS.ThrottlingException",
+})
+
+
+def _session_kwargs(settings: Settings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"region_name": settings.aws_region}
+    if settings.aws_access_key_id and settings.aws_secret_access_key:
+        kwargs["aws_access_key_id"] = settings.aws_access_key_id.get_secret_value()
+        kwargs["aws_secret_access_key"] = settings.aws_secret_access_key.get_secret_value()
+        if settings.aws_session_token:
+            kwargs["aws_session_token"] = settings.aws_session_token.get_secret_value()
+    return kwargs
+
+
+def make_clients(settings: Settings) -> tuple[SQSClient, S3Client]:
+    """SQS and S3 clients for the configured region and endpoint (a local stack when set)."""
+    session = boto3.session.Session(**_session_kwargs(settings))
+    endpoint = settings.aws_endpoint_url
+    sqs = session.client("sqs", endpoint_url=endpoint, config=BOTO_CONFIG)
+    s3 = session.client("s3", endpoint_url=endpoint, config=BOTO_CONFIG)
+    return sqs, s3
+
+
+def aws_error_code(exc: Exception) -> str | None:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "")) or None
+    return None
+
+
+def translate_aws_error(
+    exc: Exception, table: dict[str, tuple[bool, str]], *, default_code: str, what: str
+) -> ConsumerError:
+    """Map a botocore exception to Retryable/PermanentError: by `table`, then transport, then default."""
+    code = aws_error_code(exc)
+    if code in table:
+        retryable, our_code = table[code]
+    elif code in TRANSIENT_CODES or isinstance(exc, (EndpointConnectionError, BotoCoreError)):
+        retryable, our_code = True, default_code
+    elif isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+        retryable, our_code = status >= 500 or status == 429, default_code
+    else:
+        retryable, our_code = True, default_code
+    message = f"{what}: {code or type(exc).__name__}: {exc}"
+    return RetryableError(message, code=our_code) if retryable else PermanentError(message, code=our_code)

@@ -1,0 +1,190 @@
+"""The job pipeline: `Pipeline.process` lists the stages in order; each stage lives in its own module.
+
+    validate (validate.py) -> fetch (fetch.py) -> prepare (audio.py) -> transcribe (transcribe.py)
+        -> store (results.py) -> callback (deliver.py)
+
+Stages return values or raise ConsumerError; the pipeline never touches SQS and never decides what
+happens to a message (that is `worker.Worker.settle`). It records per-stage timings on the `Attempt`
+so the worker can observe them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from consumer import audio, fetch
+from consumer.deliver import Deliverer
+from consumer.errors import ConsumerError, InvalidMessageError, RetryableError
+from consumer.models import CallbackPayload, ErrorInfo, JobMessage, Timings, Transcript
+from consumer.results import ResultStore, StoredResult
+from consumer.transcribe import AudioPart, Transcriber, transcribe_parts
+from consumer.validate import parse_job
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from consumer.backpressure import RateGate
+    from consumer.settings import Settings
+    from consumer.sqs import Message
+
+
+@dataclass
+class Attempt:
+    """One delivery of one message through the pipeline: what the worker logs and measures."""
+
+    message: Message
+    started: float = field(default_factory=time.monotonic)
+    job: JobMessage | None = None
+    stage: str = "validate"
+    durations: dict[str, float] = field(default_factory=dict)
+    outcome: Literal["completed", "duplicate"] | None = None
+    source: Literal["api", "cached"] | None = None
+    audio_seconds: float = 0.0
+    model: str | None = None
+
+    @property
+    def job_id(self) -> str | None:
+        return self.job.job_id if self.job else None
+
+    def timings(self) -> Timings:
+        ms = {k: int(v * 1000) for k, v in self.durations.items()}
+        return Timings(
+            download_ms=ms.get("download", 0),
+            transcribe_ms=ms.get("prepare", 0) + ms.get("transcribe", 0),
+            total_ms=int((time.monotonic() - self.started) * 1000),
+        )
+
+
+class JobClaims:
+    """Job ids being processed in this process: a duplicate delivery waits instead of running twice."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, job_id: str, retry_in: float) -> Iterator[None]:
+        with self._lock:
+            if job_id in self._ids:
+                raise RetryableError(f"job {job_id} is already being processed", code="job_in_progress",
+                                     delay=retry_in)
+            self._ids.add(job_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._ids.discard(job_id)
+
+
+class Pipeline:
+    """Runs one message through the stages; everything it needs is handed in."""
+
+    def __init__(self, *, settings: Settings, s3: S3Client, transcriber: Transcriber, deliverer: Deliverer,
+                 results: ResultStore, gate: RateGate, workdir: Path) -> None:
+        self.settings = settings
+        self.s3 = s3
+        self.transcriber = transcriber
+        self.deliverer = deliverer
+        self.results = results
+        self.gate = gate
+        self.workdir = workdir
+        self.claims = JobClaims()
+
+    @contextmanager
+    def _stage(self, attempt: Attempt, name: str) -> Iterator[None]:
+        attempt.stage = name
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            attempt.durations[name] = attempt.durations.get(name, 0.0) + time.monotonic() - start
+
+    def process(self, attempt: Attempt) -> None:
+        """Run every stage for one message; returns normally on success (incl. a duplicate)."""
+        with self._stage(attempt, "validate"):
+            job = attempt.job = parse_job(attempt.message, self.settings)
+        with self.claims.hold(job.job_id, retry_in=min(30.0, self.settings.visibility_timeout)):
+            bucket = job.s3_bucket or self.settings.s3_bucket or ""
+            with self._stage(attempt, "fetch"):
+                obj = fetch.head(self.s3, bucket, job.s3_key)
+                fetch.check_size(obj, self.settings.max_audio_bytes)
+                stored = self.results.get(job.job_id)
+            if stored and stored.audio_etag == obj.etag and stored.s3_key == job.s3_key:
+                if stored.delivered_at:
+                    attempt.outcome = "duplicate"
+                    return
+                attempt.source = "cached"
+            else:
+                stored = self._transcribe(attempt, job, obj)
+                attempt.source = "api"
+            attempt.model = stored.model
+            attempt.audio_seconds = stored.transcript.duration_seconds or 0.0
+            with self._stage(attempt, "callback"):
+                self.deliverer.post(self._payload(attempt, job, transcript=stored.transcript))
+                self.results.mark_delivered(stored)
+            attempt.outcome = "completed"
+
+    def _transcribe(self, attempt: Attempt, job: JobMessage, obj: fetch.AudioObject) -> StoredResult:
+        jobdir = self.workdir / attempt.message.message_id
+        jobdir.mkdir(mode=0o700)
+        try:
+            with self._stage(attempt, "download"):
+                path = fetch.download(self.s3, obj, jobdir / "original", max_bytes=self.settings.max_audio_bytes)
+            with self._stage(attempt, "prepare"):
+                info = audio.probe(path)
+                audio.check_limits(info, max_bytes=self.settings.max_audio_bytes,
+                                   max_seconds=self.settings.max_audio_seconds)
+                speech = audio.has_speech(path, info)
+                parts = audio.prepare(path, info, self.transcriber.limits, jobdir) if speech else []
+            with self._stage(attempt, "transcribe"):
+                if not speech:
+                    transcript = Transcript(text="", duration_seconds=info.duration, no_speech=True)
+                else:
+                    self.gate.wait()
+                    transcript = self._call_transcriber(job, parts)
+        finally:
+            shutil.rmtree(jobdir, ignore_errors=True)
+        with self._stage(attempt, "store"):
+            stored = StoredResult(job_id=job.job_id, s3_key=job.s3_key, audio_etag=obj.etag,
+                                  model=self.transcriber.model, transcript=transcript, created_at=time.time())
+            self.results.put(stored)
+        return stored
+
+    def _call_transcriber(self, job: JobMessage, parts: list[AudioPart]) -> Transcript:
+        try:
+            return transcribe_parts(self.transcriber, parts, language=job.language, prompt=job.prompt,
+                                    parallelism=self.settings.transcribe_parallelism)
+        except RetryableError as exc:
+            if exc.code == "rate_limited":
+                self.gate.pause(exc.delay)
+            raise
+
+    def _payload(self, attempt: Attempt, job: JobMessage, *, transcript: Transcript | None = None,
+                 error: ConsumerError | None = None) -> CallbackPayload:
+        token = self.settings.wp_server_token
+        return CallbackPayload(
+            server_token=token.get_secret_value() if token else "",
+            job_id=job.job_id, s3_key=job.s3_key,
+            status="failed" if error else "completed",
+            transcript=transcript, model=attempt.model or self.transcriber.model,
+            error=ErrorInfo(code=error.code, message=error.message, retryable=error.retryable) if error else None,
+            metadata=job.metadata, attempt=attempt.message.receive_count, timings=attempt.timings(),
+        )
+
+    def report_failure(self, attempt: Attempt, error: ConsumerError) -> bool:
+        """Send the terminal `failed` callback; False when there is no job to report on."""
+        job = attempt.job
+        if job is None and isinstance(error, InvalidMessageError) and error.job_id:
+            job = JobMessage.model_construct(job_id=error.job_id, s3_key=error.s3_key or "", metadata=None)
+        if job is None:
+            return False
+        with self._stage(attempt, "callback"):
+            self.deliverer.post(self._payload(attempt, job, error=error))
+        return True

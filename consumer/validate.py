@@ -1,0 +1,96 @@
+"""The validate stage: raw SQS message -> JobMessage, or InvalidMessageError saying why.
+
+Order matters: the size cap comes before anything else touches the body, and the signature is checked
+on the raw bytes before the JSON is parsed, so an unsigned body never reaches the parser.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from consumer.errors import InvalidMessageError, PermanentError
+from consumer.models import JobMessage
+from consumer.signing import verify
+
+if TYPE_CHECKING:
+    from consumer.settings import Settings
+    from consumer.sqs import Message
+
+MAX_BODY_BYTES = 256 * 1024
+MAX_KEY_BYTES = 1024
+_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _hint(data: Any, field: str) -> str | None:
+    value = data.get(field) if isinstance(data, dict) else None
+    if field == "job_id":
+        return value if isinstance(value, str) and _JOB_ID.match(value) else None
+    return value[:MAX_KEY_BYTES] if isinstance(value, str) else None
+
+
+def _key_problem(key: str, prefix: str | None) -> str | None:
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return f"s3_key is longer than {MAX_KEY_BYTES} bytes"
+    if key.startswith("/"):
+        return "s3_key must not start with '/'"
+    if any(seg in ("..", ".") for seg in key.split("/")):
+        return "s3_key must not contain '.' or '..' segments"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co") for ch in key):
+        return "s3_key contains control or invisible characters"
+    if unicodedata.normalize("NFC", key) != key:
+        return "s3_key is not NFC-normalised unicode"
+    if prefix and not key.startswith(prefix):
+        return f"s3_key must start with S3_KEY_PREFIX ({prefix!r})"
+    return None
+
+
+def _load_json(body: str) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:  # deeply nested arrays exhaust the parser's stack
+        raise InvalidMessageError("body is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidMessageError(f"body is not JSON: {exc.args[0][:120]}") from None
+
+
+def parse_job(message: Message, settings: Settings) -> JobMessage:
+    """Check size, signature, shape and input rules; legacy `{"s3_key"}` bodies get the MessageId."""
+    if len(message.body.encode()) > MAX_BODY_BYTES:
+        raise InvalidMessageError(f"body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
+    if settings.signature_required:
+        try:
+            verify(message.body, message.attributes.get("signature"), settings.secrets,
+                   max_age=settings.signature_max_age)
+        except PermanentError as exc:
+            # No job_id rides along: an unauthenticated message must not make us fail a real job.
+            raise InvalidMessageError(exc.message, code="bad_signature") from None
+    data = _load_json(message.body)
+    if not isinstance(data, dict):
+        raise InvalidMessageError(f"body must be a JSON object, not {type(data).__name__}")
+    job_id, s3_key = _hint(data, "job_id"), _hint(data, "s3_key")
+    if "job_id" not in data and set(data) <= {"s3_key"}:
+        data = {**data, "job_id": message.message_id}  # the old HTTP endpoint's body
+        job_id = message.message_id
+    try:
+        job = JobMessage.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidMessageError(
+            f"{where}: {first['msg']} ({exc.error_count()} problem(s))", job_id=job_id, s3_key=s3_key
+        ) from None
+    bucket = job.s3_bucket or settings.s3_bucket
+    if bucket not in settings.allowed_buckets:
+        raise InvalidMessageError(
+            f"bucket {bucket!r} is not S3_BUCKET or in S3_ALLOWED_BUCKETS", code="forbidden_input",
+            job_id=job.job_id, s3_key=job.s3_key,
+        )
+    problem = _key_problem(job.s3_key, settings.s3_key_prefix)
+    if problem:
+        raise InvalidMessageError(problem, code="forbidden_input", job_id=job.job_id, s3_key=job.s3_key)
+    return job

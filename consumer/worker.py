@@ -1,0 +1,343 @@
+"""The worker loop: the only code that touches SQS for jobs.
+
+Threads of one process:
+    poller       receives only as many messages as there are idle workers, hands them over
+    workers (N)  run `Pipeline.process`, then `settle` (the one place deciding delete/retry/dead-letter)
+    housekeeper  heartbeats (visibility extensions), queue-depth gauges, the systemd watchdog
+
+Shutdown is two-phase, sized to systemd's TimeoutStopSec: stop receiving at once, give in-flight jobs
+SHUTDOWN_GRACE seconds, then release what is left (visibility 0) so another instance takes it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Any
+
+from consumer import __version__
+from consumer.errors import ConsumerError, PermanentError, RetryableError
+from consumer.metrics import Metrics
+from consumer.pipeline import Attempt, Pipeline
+from consumer.sdnotify import Notifier
+from consumer.settings import SQS_MAX_VISIBILITY, Settings
+from consumer.sqs import Message, SqsQueue
+
+log = logging.getLogger("consumer.worker")
+RECEIVE_ERROR_BACKOFF = (1.0, 30.0)  # first and longest pause after a failed ReceiveMessage
+
+
+@dataclass
+class InFlight:
+    message: Message
+    received: float
+    extended: float
+    released: bool = False
+
+
+class Worker:
+    """Consumes one queue with a bounded pool of threads until stopped (or drained)."""
+
+    def __init__(self, *, settings: Settings, queue: SqsQueue, dlq: SqsQueue | None, max_receive_count: int | None,
+                 pipeline: Pipeline, metrics: Metrics, notifier: Notifier | None = None,
+                 stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.dlq = dlq
+        self.max_receive_count = max_receive_count
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.notifier = notifier or Notifier(None)
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.rng = rng
+        self._inflight: dict[str, InFlight] = {}
+        self._cond = threading.Condition()
+        self._handoff: SimpleQueue[Message | None] = SimpleQueue()
+        self._done = threading.Event()  # housekeeping outlives `stop` until in-flight jobs are settled
+        self._last_tick = clock()
+        self._drained = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self, *, drain: bool = False) -> int:
+        """Consume until `stop` is set (or, with drain, until the queue is empty); returns an exit status."""
+        threads = [threading.Thread(target=self._work_loop, name=f"worker-{i}", daemon=True)
+                   for i in range(self.settings.concurrency)]
+        threads.append(threading.Thread(target=self._housekeeping_loop, name="housekeeper", daemon=True))
+        poller = threading.Thread(target=self._poll_loop, args=(drain,), name="poller", daemon=True)
+        for t in [*threads, poller]:
+            t.start()
+        log.info("daemon_started", extra={"version": __version__, "concurrency": self.settings.concurrency,
+                                          "queue_url": self.queue.url})
+        self.stop.wait()
+        self.notifier.stopping("stopping: finishing in-flight jobs")
+        log.info("shutdown_started", extra={"in_flight": self.in_flight, "grace_s": self.settings.shutdown_grace})
+        finished = self._wait_idle(self.settings.shutdown_grace)
+        if not finished:
+            self._release_all()
+        for _ in range(self.settings.concurrency):
+            self._handoff.put(None)
+        self._done.set()
+        log.info("daemon_stopped", extra={"released": not finished})
+        return 0
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._inflight)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(alive, body) for GET /health: alive while the poll loop keeps ticking."""
+        age = self.clock() - self._last_tick
+        ok = age < self.settings.health_stall_seconds
+        return ok, {"status": "ok" if ok else "stalled", "version": __version__,
+                    "last_poll_age_s": round(age, 3), "in_flight": self.in_flight}
+
+    def _wait_idle(self, timeout: float) -> bool:
+        deadline = self.clock() + timeout
+        with self._cond:
+            while self._inflight:
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def _release_all(self) -> None:
+        with self._cond:
+            pending = [f for f in self._inflight.values() if not f.released]
+            for f in pending:
+                f.released = True
+        for i in range(0, len(pending), 10):
+            batch = [(f.message, 0) for f in pending[i:i + 10]]
+            try:
+                self.queue.change_visibility_batch(batch)
+            except ConsumerError as exc:
+                log.warning("release_failed", extra={"error": str(exc)})
+        for f in pending:
+            log.info("job_released", extra={"message_id": f.message.message_id})
+
+    # ------------------------------------------------------------------ poller
+
+    def _poll_loop(self, drain: bool) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            self._last_tick = self.clock()
+            idle = self._wait_for_idle_slot()
+            if idle == 0:
+                continue
+            paused = self.pipeline.gate.remaining()
+            if paused > 0:  # receiving now would only burn receive counts
+                self.stop.wait(min(paused, 1.0))
+                continue
+            try:
+                messages = self.queue.receive(min(idle, 10), wait_seconds=self.settings.poll_wait_seconds,
+                                              visibility_timeout=self.settings.visibility_timeout)
+            except ConsumerError as exc:
+                failures += 1
+                self.metrics.errors.labels("receive", exc.code).inc()
+                log.warning("receive_failed", extra={"error": str(exc), "failures": failures})
+                self.stop.wait(min(RECEIVE_ERROR_BACKOFF[1], RECEIVE_ERROR_BACKOFF[0] * 2 ** (failures - 1)))
+                continue
+            failures = 0
+            self._last_tick = self.clock()
+            self.metrics.last_poll.set_to_current_time()
+            self.notifier.ready(f"polling {self.queue.url}")
+            for message in messages:
+                self._accept(message)
+            if drain and not messages and self.in_flight == 0:
+                self._drained = True
+                self.request_stop()
+
+    def _wait_for_idle_slot(self) -> int:
+        with self._cond:
+            idle = self.settings.concurrency - len(self._inflight)
+            if idle <= 0:
+                self._cond.wait(1.0)
+                idle = self.settings.concurrency - len(self._inflight)
+            return max(0, idle)
+
+    def _accept(self, message: Message) -> None:
+        now = self.clock()
+        if message.sent_timestamp:
+            self.metrics.message_age.observe(max(0.0, time.time() - message.sent_timestamp))
+        if self.stop.is_set():  # received during shutdown: give it straight back
+            self.queue.change_visibility(message, 0)
+            return
+        with self._cond:
+            self._inflight[message.message_id] = InFlight(message, received=now, extended=now)
+        self.metrics.in_progress.inc()
+        log.info("message_received", extra={"message_id": message.message_id,
+                                            "receive_count": message.receive_count})
+        self._handoff.put(message)
+
+    # ------------------------------------------------------------------ workers
+
+    def _work_loop(self) -> None:
+        while (message := self._handoff.get()) is not None:
+            attempt = Attempt(message=message)
+            error: ConsumerError | None = None
+            try:
+                self.pipeline.process(attempt)
+            except ConsumerError as exc:
+                error = exc
+            except Exception as exc:  # a bug must cost one retry, not the worker thread
+                log.exception("job_crashed", extra=self._fields(attempt))
+                error = RetryableError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+            try:
+                self.settle(attempt, error)
+            except Exception:  # the message will reappear after its visibility timeout
+                log.exception("settle_failed", extra=self._fields(attempt))
+            finally:
+                with self._cond:
+                    self._inflight.pop(message.message_id, None)
+                    self._cond.notify_all()
+                self.metrics.in_progress.dec()
+
+    def _fields(self, attempt: Attempt, **more: Any) -> dict[str, Any]:
+        return {"job_id": attempt.job_id, "message_id": attempt.message.message_id,
+                "receive_count": attempt.message.receive_count, "stage": attempt.stage,
+                "duration_s": round(time.monotonic() - attempt.started, 3), **more}
+
+    # ------------------------------------------------------------------ settle: the one place
+
+    def settle(self, attempt: Attempt, error: ConsumerError | None) -> None:
+        """Delete on success, back off a retryable failure, fail and dead-letter a permanent one."""
+        message = attempt.message
+        with self._cond:
+            entry = self._inflight.get(message.message_id)
+            if entry and entry.released:
+                return  # shutdown already handed it back; another instance owns it now
+        for stage, seconds in attempt.durations.items():
+            self.metrics.stage_duration.labels(stage).observe(seconds)
+        self.metrics.job_duration.observe(time.monotonic() - attempt.started)
+        if error is None:
+            self.queue.delete(message)
+            outcome = attempt.outcome or "completed"
+            if outcome == "completed":
+                self.metrics.transcriptions.labels(attempt.source or "api").inc()
+                if attempt.source == "api":
+                    self.metrics.audio_seconds.labels(attempt.model or "").inc(attempt.audio_seconds)
+            self._outcome(attempt, outcome)
+            return
+        self.metrics.errors.labels(attempt.stage, error.code).inc()
+        if isinstance(error, RetryableError) and not self._last_attempt(message):
+            self._retry(attempt, error)
+            return
+        self._fail(attempt, error)
+
+    def _last_attempt(self, message: Message) -> bool:
+        return self.max_receive_count is not None and message.receive_count >= self.max_receive_count
+
+    def backoff(self, receive_count: int, error: RetryableError) -> int:
+        """Seconds until the next attempt: Retry-After when given, else capped exponential with jitter."""
+        if error.delay is not None:
+            return int(min(SQS_MAX_VISIBILITY, max(0.0, error.delay)))
+        s = self.settings
+        ceiling = min(s.retry_max_delay, s.retry_base_delay * 2 ** max(0, receive_count - 1))
+        return int(ceiling / 2 + self.rng() * ceiling / 2)  # "equal jitter": spread, but never near zero
+
+    def _retry(self, attempt: Attempt, error: RetryableError) -> None:
+        delay = self.backoff(attempt.message.receive_count, error)
+        self.queue.change_visibility(attempt.message, delay)
+        self._outcome(attempt, "retried", error=error, retry_in_s=delay)
+
+    def _fail(self, attempt: Attempt, error: ConsumerError) -> None:
+        reported = False
+        if error.code not in ("bad_signature", "callback_rejected"):
+            try:
+                reported = self.pipeline.report_failure(attempt, error)
+            except RetryableError as cb_error:
+                if not self._last_attempt(attempt.message):  # keep the job until WordPress can be told
+                    self._retry(attempt, cb_error)
+                    return
+            except PermanentError as cb_error:
+                log.error("failure_callback_rejected", extra=self._fields(attempt, error=str(cb_error)))
+        if isinstance(error, PermanentError) and error.code in ("invalid_message", "body_too_large",
+                                                                "forbidden_input", "bad_signature"):
+            self.metrics.rejected.labels(error.code).inc()
+        self._dead_letter(attempt.message, error)
+        self._outcome(attempt, "failed" if reported else "dead_lettered", error=error)
+
+    def _dead_letter(self, message: Message, error: ConsumerError) -> None:
+        """Copy the message to the DLQ with why it failed, then delete it from the source."""
+        if self.dlq is None:
+            log.error("no_dead_letter_queue", extra={"message_id": message.message_id})
+            self.queue.delete(message)
+            return
+        extra = {"error_code": error.code, "error_message": error.message[:1000],
+                 "failed_at": str(int(time.time())), "source_message_id": message.message_id,
+                 "receive_count": str(message.receive_count)}
+        keep = {k: v for k, v in message.attributes.items() if k not in extra}
+        attributes = dict(list(keep.items())[: 10 - len(extra)]) | extra  # SQS allows ten attributes
+        self.dlq.send(message.body, attributes)
+        self.queue.delete(message)
+
+    def _outcome(self, attempt: Attempt, outcome: str, *, error: ConsumerError | None = None, **more: Any) -> None:
+        self.metrics.jobs.labels(outcome).inc()
+        fields = self._fields(attempt, outcome=outcome, **more)
+        if error is not None:
+            fields |= {"error_code": error.code, "error": error.message[:500]}
+        event = {"completed": "job_completed", "duplicate": "job_duplicate", "retried": "job_retried",
+                 "failed": "job_failed", "dead_lettered": "job_dead_lettered"}[outcome]
+        level = logging.WARNING if outcome in ("failed", "dead_lettered") else logging.INFO
+        log.log(level, event, extra=fields)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _housekeeping_loop(self) -> None:
+        tick = min(1.0, self.settings.heartbeat_every / 2)
+        next_depth = self.clock()
+        while not self._done.wait(tick):
+            now = self.clock()
+            self._heartbeat(now)
+            if now - self._last_tick < self.settings.health_stall_seconds:
+                self.notifier.watchdog()  # only while the poll loop makes progress
+            if now >= next_depth:
+                next_depth = now + self.settings.queue_metrics_interval
+                self._observe_depths()
+
+    def _heartbeat(self, now: float) -> None:
+        due: list[tuple[Message, int]] = []
+        with self._cond:
+            for f in self._inflight.values():
+                if f.released or now - f.extended < self.settings.heartbeat_every:
+                    continue
+                # SQS caps a message's total invisibility at 12 h from its receipt.
+                seconds = min(self.settings.visibility_timeout, int(SQS_MAX_VISIBILITY - (now - f.received)) - 1)
+                if seconds > 0:
+                    due.append((f.message, seconds))
+                    f.extended = now
+        for i in range(0, len(due), 10):
+            batch = due[i:i + 10]
+            try:
+                failed = self.queue.change_visibility_batch(batch)
+            except ConsumerError as exc:
+                failed = [m for m, _ in batch]
+                log.warning("heartbeat_failed", extra={"error": str(exc)})
+            self.metrics.heartbeats.labels("ok").inc(len(batch) - len(failed))
+            self.metrics.heartbeats.labels("failed").inc(len(failed))
+
+    def _observe_depths(self) -> None:
+        for name, q in (("main", self.queue), ("dlq", self.dlq)):
+            if q is None:
+                continue
+            try:
+                visible, in_flight = q.counts()
+            except ConsumerError as exc:
+                log.warning("queue_depth_failed", extra={"queue": name, "error": str(exc)})
+                continue
+            self.metrics.queue_messages.labels(name, "visible").set(visible)
+            self.metrics.queue_messages.labels(name, "in_flight").set(in_flight)
