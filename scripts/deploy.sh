@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# Deploy a release tag to one instance on the host: fetch, check out detached, install, restart, verify.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/deploy.sh TAG [--yes] [--instance NAME] [--dir DIR] [--no-rollback]
+
+Run on the host, in the instance's checkout (/opt/salestrainer-sidecar/<instance>). Fetches tags,
+checks TAG out as a detached HEAD, installs it into .venv, restarts salestrainer-sidecar@<instance>
+and verifies, pausing at each checkpoint ("Does this look correct? [y/N]"):
+  1. git describe --tags is TAG
+  2. systemctl is-active says active
+  3. GET /health answers 200 (port: METRICS_PORT of /etc/salestrainer-sidecar/<instance>.env, default 9002)
+  4. journalctl -p err shows nothing since the deploy started
+A failed check (or a "n" after the change) offers to roll back to the release that ran before; with
+--yes the rollback is performed. Either way the exit status is 1.
+
+The prod instance accepts only prod-YYYY-MM-DD-N tags; other instances take any tag, branch or commit.
+
+Options:
+  --yes             answer every confirmation with yes (unattended)
+  --instance NAME   the systemd instance (default: prod)
+  --dir DIR         the instance's checkout (default: the current directory's repository)
+  --no-rollback     on failure, report and exit 1 without rolling back (used by rollback.sh)
+  -h, --help        this text
+
+Environment (mainly for tests):
+  DEPLOY_INSTALL_CMD     install command run with bash in the checkout
+                         (default: create .venv if missing, then .venv/bin/pip install -q -e .)
+  DEPLOY_ENV_DIR         directory of the instance env files (default: /etc/salestrainer-sidecar)
+  DEPLOY_HEALTH_URL      health URL (default: http://127.0.0.1:<METRICS_PORT>/health)
+  DEPLOY_HEALTH_TIMEOUT  seconds to wait for /health to answer 200 (default: 60)
+  DEPLOY_SUDO            prefix for systemctl restart and journalctl (default: sudo unless root)
+  DEPLOY_REMOTE          the remote to fetch from (default: origin)
+EOF
+}
+
+DEFAULT_INSTALL_CMD='if [ ! -x .venv/bin/pip ]; then python3 -m venv .venv; fi; .venv/bin/pip install -q -e .'
+
+# Globals set by main(): INSTANCE UNIT DIR REMOTE SUDO NO_ROLLBACK, and per attempt START.
+
+describe_head() {
+  git describe --tags --exact-match HEAD 2>/dev/null || git rev-parse --short HEAD
+}
+
+# The value of VAR in an env file (last assignment wins; quotes and `export` allowed), or empty.
+env_value() {
+  local file=$1 var=$2 text=""
+  if [[ -r $file ]]; then
+    text=$(<"$file")
+  elif [[ -e $file && -n $SUDO ]]; then
+    text=$($SUDO cat "$file" 2>/dev/null || true)
+  fi
+  printf '%s\n' "$text" |
+    sed -nE "s/^[[:space:]]*(export[[:space:]]+)?${var}[[:space:]]*=[[:space:]]*['\"]?([^'\"#[:space:]]*).*$/\\2/p" |
+    tail -n 1
+}
+
+health_url() {
+  if [[ -n ${DEPLOY_HEALTH_URL:-} ]]; then
+    printf '%s\n' "$DEPLOY_HEALTH_URL"
+    return
+  fi
+  local env_file="${DEPLOY_ENV_DIR:-/etc/salestrainer-sidecar}/$INSTANCE.env" port host
+  port=$(env_value "$env_file" METRICS_PORT)
+  host=$(env_value "$env_file" METRICS_HOST)
+  case $host in "" | 0.0.0.0 | "::" | "[::]") host=127.0.0.1 ;; esac
+  printf 'http://%s:%s/health\n' "$host" "${port:-9002}"
+}
+
+# GET URL → "<status> <body>" on stdout (status 000 when nothing answers).
+http_get() {
+  local url=$1
+  if command -v curl >/dev/null; then
+    local body code
+    body=$(mktemp)
+    code=$(curl --noproxy '*' -sS -m 5 -o "$body" -w '%{http_code}' "$url" 2>/dev/null) || true
+    printf '%s %s\n' "${code:-000}" "$(head -c 500 "$body")"
+    rm -f "$body"
+  else
+    python3 - "$url" <<'PY'
+import sys, urllib.error, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(sys.argv[1], timeout=5) as r:
+        print(r.status, r.read(500).decode(errors="replace"))
+except urllib.error.HTTPError as e:
+    print(e.code, e.read(500).decode(errors="replace"))
+except OSError:
+    print("000")
+PY
+  fi
+}
+
+# A checkpoint after the change: "n" counts as a failed verification.
+checkpoint() {
+  confirm "Does this look correct?" || fail "not confirmed by the operator at: $1"
+}
+
+# What to roll back to after a failed deploy of TARGET that replaced FROM_COMMIT.
+rollback_target() {
+  local target=$1 from_commit=$2 from_tag
+  from_tag=$(git tag --points-at "$from_commit" | sort_prod_tags | tail -n 1)
+  if [[ -n $from_tag && $from_tag != "$target" ]]; then
+    printf '%s\n' "$from_tag"
+  elif [[ $INSTANCE != prod && $from_commit != $(git rev-parse "$target^{commit}") ]]; then
+    printf '%s\n' "$from_commit"
+  elif is_prod_tag "$target"; then
+    prev_prod_tag "$target"
+  fi
+}
+
+fail() {
+  say ""
+  say "VERIFICATION FAILED: $1"
+  if ((NO_ROLLBACK)); then
+    say "$UNIT is now at $(describe_head); not rolling back (--no-rollback). Check: journalctl -u $UNIT -e"
+    exit 1
+  fi
+  local back=$ROLLBACK_TO
+  if [[ -z $back ]]; then
+    say "No earlier release to roll back to. Check: journalctl -u $UNIT -e"
+    exit 1
+  fi
+  if confirm "Roll back $UNIT to $back?"; then
+    NO_ROLLBACK=1
+    deploy_ref "$back" rollback
+    say "Rolled back to $back; the deploy of $TARGET failed: $1"
+  else
+    say "Not rolling back; $UNIT stays at $(describe_head). To roll back later: scripts/rollback.sh"
+  fi
+  exit 1
+}
+
+# Check out REF detached, install, restart and verify. MODE is "deploy" or "rollback".
+deploy_ref() {
+  local ref=$1 mode=$2 commit from described
+  START=$(date +%s)
+  commit=$(git rev-parse --verify --quiet "$ref^{commit}") || die "unknown ref: $ref"
+  from=$(describe_head)
+
+  step "$mode: $UNIT  $from -> $ref  (checkout $DIR)"
+  if [[ $mode == deploy ]]; then
+    say "Commits:"
+    git --no-pager log --oneline --no-decorate "HEAD..$commit" -n 50 >&2 || true
+    confirm "Deploy $ref to $UNIT?" || {
+      say "aborted: nothing changed"
+      exit 1
+    }
+  fi
+
+  git -c advice.detachedHead=false checkout --quiet --detach "$commit" ||
+    fail "git checkout $ref failed"
+  step "Installing into $DIR/.venv"
+  bash -c "${DEPLOY_INSTALL_CMD:-$DEFAULT_INSTALL_CMD}" </dev/null || fail "install failed"
+
+  step "Checkpoint 1/4: version"
+  described=$(git describe --tags 2>/dev/null || git rev-parse --short HEAD)
+  say "git describe --tags: $described"
+  if [[ $ref == "$commit" ]]; then
+    [[ $(git rev-parse HEAD) == "$commit" ]] || fail "HEAD is not $commit"
+  elif [[ $described != "$ref" ]]; then
+    git tag --points-at HEAD | grep -qxF "$ref" || fail "git describe --tags is $described, not $ref"
+  fi
+  checkpoint "version"
+
+  step "Checkpoint 2/4: restart"
+  # Type=notify: this returns once the daemon has said READY=1 (its first successful receive).
+  $SUDO systemctl restart "$UNIT" </dev/null || fail "systemctl restart $UNIT failed"
+  local state
+  state=$(systemctl is-active "$UNIT" </dev/null || true)
+  say "systemctl is-active $UNIT: $state"
+  [[ $state == active ]] || fail "$UNIT is $state"
+  checkpoint "restart"
+
+  step "Checkpoint 3/4: health"
+  local url answer deadline=$((SECONDS + ${DEPLOY_HEALTH_TIMEOUT:-60}))
+  url=$(health_url)
+  while :; do
+    answer=$(http_get "$url")
+    [[ ${answer%% *} == 200 || $SECONDS -ge $deadline ]] && break
+    sleep 0.5
+  done
+  say "GET $url -> $answer"
+  [[ ${answer%% *} == 200 ]] || fail "$url answered ${answer%% *}, not 200"
+  checkpoint "health"
+
+  step "Checkpoint 4/4: errors in the journal since the $mode started"
+  local errors
+  errors=$($SUDO journalctl -u "$UNIT" --since "@$START" -p err --no-pager -q -o short-iso </dev/null) ||
+    fail "journalctl -u $UNIT failed"
+  if [[ -n $errors ]]; then
+    printf '%s\n' "$errors" >&2
+    fail "errors in the journal of $UNIT"
+  fi
+  say "(none)"
+  checkpoint "journal"
+
+  step "$UNIT runs $ref"
+}
+
+main() {
+  local here tag="" dir=""
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  # shellcheck source=scripts/lib-release.sh
+  source "$here/lib-release.sh"
+
+  INSTANCE=prod
+  NO_ROLLBACK=0
+  while (($#)); do
+    case $1 in
+      --yes | -y) ASSUME_YES=1 ;;
+      --instance | --dir)
+        [[ $# -ge 2 ]] || die "$1 needs a value"
+        if [[ $1 == --instance ]]; then INSTANCE=$2; else dir=$2; fi
+        shift
+        ;;
+      --no-rollback) NO_ROLLBACK=1 ;;
+      -h | --help)
+        usage
+        return 0
+        ;;
+      -*)
+        usage >&2
+        return 2
+        ;;
+      *)
+        [[ -z $tag ]] || die "one TAG only (got $tag and $1)"
+        tag=$1
+        ;;
+    esac
+    shift
+  done
+  if [[ -z $tag ]]; then
+    usage >&2
+    return 2
+  fi
+  [[ $INSTANCE =~ ^[a-z0-9][a-z0-9_-]*$ ]] || die "bad instance name: $INSTANCE"
+  if [[ $INSTANCE == prod ]] && ! is_prod_tag "$tag"; then
+    die "the prod instance deploys only prod-YYYY-MM-DD-N tags, not '$tag'"
+  fi
+
+  UNIT="salestrainer-sidecar@$INSTANCE"
+  REMOTE=${DEPLOY_REMOTE:-origin}
+  if [[ -n ${DEPLOY_SUDO+set} ]]; then
+    SUDO=$DEPLOY_SUDO
+  elif [[ $(id -u) -eq 0 ]]; then
+    SUDO=""
+  else
+    SUDO=sudo
+  fi
+
+  cd "${dir:-.}" || die "no such directory: ${dir:-.}"
+  DIR=$(git rev-parse --show-toplevel 2>/dev/null) || die "$PWD is not a git checkout"
+  cd "$DIR"
+  [[ $(basename "$DIR") == "$INSTANCE" ]] ||
+    say "warning: checkout $DIR is not named after instance $INSTANCE"
+
+  step "Fetching from $REMOTE"
+  git fetch --quiet --tags "$REMOTE" </dev/null || die "git fetch --tags $REMOTE failed"
+  if [[ -n $(git status --porcelain --untracked-files=no) ]]; then
+    die "the checkout $DIR has local changes; refusing to deploy over them"
+  fi
+
+  local ref=$tag
+  if ! git rev-parse --verify --quiet "refs/tags/$tag" >/dev/null; then
+    [[ $INSTANCE != prod ]] || die "no such tag: $tag (was it pushed? scripts/release.sh pushes it)"
+    if git rev-parse --verify --quiet "refs/remotes/$REMOTE/$tag" >/dev/null; then
+      ref=$(git rev-parse "refs/remotes/$REMOTE/$tag")
+    else
+      ref=$(git rev-parse --verify --quiet "$tag^{commit}") || die "no such tag, branch or commit: $tag"
+    fi
+  fi
+
+  TARGET=$tag
+  ROLLBACK_TO=$(rollback_target "$ref" "$(git rev-parse HEAD)")
+  deploy_ref "$ref" deploy
+}
+
+main "$@"
+exit
