@@ -1,0 +1,301 @@
+"""consumer.audio: probe, limits, the speech check and prepare, on real encoded recordings.
+
+The small fixtures in tests/fixtures/audio/ come from tests/fixtures/make_fixtures.py. Long recordings
+are generated here, streamed to disk, with pauses at known places so the cuts can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from consumer import audio, audio_split
+from consumer.audio import AudioInfo, check_limits, has_speech, prepare, probe
+from consumer.errors import PermanentError, RetryableError
+from consumer.models import Segment, Transcript
+from consumer.transcribe import API_FORMATS, AudioLimits, stitch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+TRUTH = json.loads((FIXTURES / "manifest.json").read_text())
+SPEECH_SECONDS = TRUTH["speech_seconds"]
+API = AudioLimits()  # the OpenAI defaults: 25 MB, the API's formats, no duration cap
+
+# file -> (container, codec, channels, sample rate, has_video, api_format)
+PROBES = {
+    "chrome.webm": ("webm", "opus", 1, 48_000, False, "webm"),
+    "safari.mp4": ("mp4", "aac", 1, 48_000, False, "m4a"),
+    "speech.ogg": ("ogg", "vorbis", 2, 44_100, False, "ogg"),
+    "speech.mp3": ("mp3", "mp3", 2, 44_100, False, "mp3"),
+    "speech.wav": ("wav", "pcm_s16le", 1, 8_000, False, "wav"),
+    "speech.flac": ("flac", "flac", 1, 16_000, False, "flac"),
+    "video.mp4": ("mp4", "aac", 1, 48_000, True, "mp4"),
+    "mislabeled.wav": ("mp3", "mp3", 2, 44_100, False, "mp3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_probe_describes_each_recording(name: str) -> None:
+    path = FIXTURES / name
+    info = probe(path)
+    container, codec, channels, rate, has_video, api_format = PROBES[name]
+    assert (info.container, info.codec, info.channels, info.sample_rate) == (container, codec, channels, rate)
+    assert (info.has_video, info.api_format, info.size_bytes) == (has_video, api_format, path.stat().st_size)
+    # Encoders add up to one frame of priming (AAC: 1024 samples = 21 ms at 48 kHz).
+    assert info.duration == pytest.approx(SPEECH_SECONDS, abs=0.05)
+
+
+def test_chrome_webm_duration_comes_from_the_stream() -> None:
+    with av.open(str(FIXTURES / "chrome.webm")) as container:
+        assert container.duration is None  # as MediaRecorder writes it: no length in the header
+        assert container.streams.audio[0].duration is None
+    assert probe(FIXTURES / "chrome.webm").duration == pytest.approx(SPEECH_SECONDS, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("empty.webm", "the object is 0 bytes"),
+        ("garbled.webm", "not a readable audio file"),
+        ("truncated.m4a", "damaged, truncated"),
+        ("video_only.mp4", "no audio stream found (container mp4 has only video)"),
+    ],
+)
+def test_unusable_files_are_refused_with_a_reason(name: str, expected: str) -> None:
+    with pytest.raises(PermanentError) as caught:
+        probe(FIXTURES / name)
+    assert caught.value.code == "unsupported_audio"
+    assert expected in caught.value.message
+
+
+def test_audio_stream_without_data_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "header-only.wav"
+    with wave.open(str(path), "wb") as out:  # a recorder that crashed before the first sample
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+    with pytest.raises(PermanentError, match=r"has no audio data|lasts 0 seconds") as caught:
+        probe(path)
+    assert caught.value.code == "unsupported_audio"
+
+
+def test_av_errors_are_translated_by_table() -> None:
+    invalid = audio.translate_av_error(av.error.InvalidDataError(1094995529, "Invalid data"))
+    assert isinstance(invalid, PermanentError)
+    assert invalid.code == "unsupported_audio"
+    disk = audio.translate_av_error(av.error.OSError(28, "No space left on device"))
+    assert isinstance(disk, RetryableError)
+    assert "No space left on device" in disk.message
+    assert audio.translate_av_error(av.error.UndefinedError(-1, "odd")).code == "unsupported_audio"
+
+
+def test_check_limits_names_the_numbers() -> None:
+    info = probe(FIXTURES / "speech.wav")
+    check_limits(info, max_bytes=info.size_bytes, max_seconds=info.duration)
+    with pytest.raises(PermanentError, match=f"{info.size_bytes:,} bytes.*limit is 1,000 bytes") as big:
+        check_limits(info, max_bytes=1000, max_seconds=3600)
+    assert big.value.code == "audio_too_large"
+    with pytest.raises(PermanentError, match=r"lasts 4\.2 s.*limit is 2 s") as long:
+        check_limits(info, max_bytes=10**9, max_seconds=2)
+    assert long.value.code == "audio_too_long"
+
+
+@pytest.mark.parametrize("name", ["chrome.webm", "safari.mp4", "speech.mp3", "speech.wav", "video.mp4"])
+def test_speech_is_detected(name: str) -> None:
+    assert has_speech(FIXTURES / name, probe(FIXTURES / name))
+
+
+def test_silence_is_not_speech(tmp_path: Path) -> None:
+    muted = FIXTURES / "silence.webm"  # a live microphone with nobody talking
+    assert not has_speech(muted, probe(muted))
+    zeros = tmp_path / "zeros.flac"  # digital silence
+    write_recording(zeros, [], seconds=5, fmt="flac", codec="flac")
+    assert not has_speech(zeros, probe(zeros))
+
+
+@pytest.mark.parametrize(("name", "filename"), [("chrome.webm", "chrome.webm"), ("safari.mp4", "safari.m4a"),
+                                                ("mislabeled.wav", "mislabeled.mp3")])  # fmt: skip
+def test_accepted_formats_are_sent_as_they_are(name: str, filename: str, tmp_path: Path) -> None:
+    info = probe(FIXTURES / name)
+    parts = prepare(FIXTURES / name, info, API, tmp_path)
+    assert [(p.path, p.filename, p.offset, p.duration) for p in parts] == [
+        (FIXTURES / name, filename, 0.0, info.duration)
+    ]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("name", "limits"),
+    [
+        ("video.mp4", API),  # the API would upload the video track for nothing
+        ("chrome.webm", AudioLimits(formats=frozenset({"mp3", "wav"}))),
+        ("speech.flac", AudioLimits(max_bytes=50_000)),  # over the byte limit, a transcode fits
+    ],
+)
+def test_others_are_transcoded_to_mono_opus(name: str, limits: AudioLimits, tmp_path: Path) -> None:
+    info = probe(FIXTURES / name)
+    [part] = prepare(FIXTURES / name, info, limits, tmp_path)
+    assert part.path.parent == tmp_path
+    assert part.filename == f"{Path(name).stem}.ogg"
+    out = probe(part.path)
+    assert (out.container, out.codec, out.channels, out.has_video, out.api_format) == ("ogg", "opus", 1, False, "ogg")
+    assert part.offset == 0.0
+    assert part.duration == pytest.approx(SPEECH_SECONDS, abs=0.05)
+    assert has_speech(part.path, out)
+    assert out.size_bytes < 20_000  # ~24 kbps
+
+
+def test_limits_too_small_to_cut_between_words_are_refused(tmp_path: Path) -> None:
+    info = probe(FIXTURES / "speech.flac")
+    with pytest.raises(PermanentError, match="at least 30 s"):
+        prepare(FIXTURES / "speech.flac", info, AudioLimits(max_seconds=4.0), tmp_path)
+
+
+# ---------------------------------------------------------------------------------- long recordings
+
+RATE = 16_000
+
+
+@dataclass(frozen=True)
+class Recording:
+    path: Path
+    seconds: float
+    pauses: list[tuple[float, float]]  # (start, end) of every gap between utterances
+
+
+def talk_plan(seconds: float, seed: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Utterances of 3-8 s separated by pauses of 0.6-1.5 s, like two people taking turns."""
+    rng = np.random.default_rng(seed)
+    talks, pauses, t = [], [], 0.0
+    while t < seconds:
+        talk, pause = rng.uniform(3, 8), rng.uniform(0.6, 1.5)
+        talks.append((t, min(t + talk, seconds)))
+        if t + talk < seconds:
+            pauses.append((t + talk, min(t + talk + pause, seconds)))
+        t += talk + pause
+    return talks, pauses
+
+
+def speechlike(talks: list[tuple[float, float]], seconds: float, seed: int) -> Iterator[np.ndarray]:
+    """One-second int16 blocks: a voiced, syllable-modulated tone while talking, room noise otherwise."""
+    rng = np.random.default_rng(seed)
+    total = round(seconds * RATE)
+    for start in range(0, total, RATE):
+        t = (start + np.arange(min(RATE, total - start))) / RATE
+        talking = np.zeros(len(t), bool)
+        for a, b in talks:
+            if a <= t[-1] and b >= t[0]:
+                talking |= (t >= a) & (t < b)
+        envelope = 0.6 + 0.4 * np.abs(np.sin(2 * np.pi * 2.5 * t))
+        voice = 0.15 * envelope * (np.sin(2 * np.pi * 140 * t) + 0.5 * np.sin(2 * np.pi * 280 * t + 1))
+        signal = rng.standard_normal(len(t)) * 0.001 + np.where(talking, voice, 0.0)
+        yield (signal * 32767).astype(np.int16)
+
+
+def write_recording(
+    path: Path, talks: list[tuple[float, float]], *, seconds: float, fmt: str = "wav", codec: str = "pcm_s16le"
+) -> None:
+    """Stream a 16 kHz mono recording to `path`, a second at a time (silence when `talks` is empty)."""
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=RATE)
+        stream.layout = "mono"
+        written = 0
+        blocks = (
+            speechlike(talks, seconds, seed=5) if talks else (np.zeros(RATE, np.int16) for _ in range(int(seconds)))
+        )
+        for block in blocks:
+            frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = RATE, written
+            written += len(block)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+@pytest.fixture(scope="module")
+def half_hour(tmp_path_factory: pytest.TempPathFactory) -> Recording:
+    seconds = 1800.0
+    talks, pauses = talk_plan(seconds, seed=3)
+    path = tmp_path_factory.mktemp("long") / "call.wav"
+    write_recording(path, talks, seconds=seconds)
+    return Recording(path, seconds, pauses)
+
+
+def check_chunks(parts: list[audio.AudioPart], recording: Recording, limits: AudioLimits) -> None:
+    """Every chunk under both limits, offsets the running sum of real durations, every cut in a pause."""
+    expected_offset = 0.0
+    for part in parts:
+        info = probe(part.path)
+        assert (info.container, info.codec, info.channels) == ("ogg", "opus", 1)
+        assert limits.max_seconds is None or info.duration <= limits.max_seconds
+        assert limits.max_bytes is None or info.size_bytes <= limits.max_bytes
+        # The Ogg header counts the encoder's 6.5 ms lookahead that decoders drop.
+        assert part.duration == pytest.approx(info.duration, abs=0.01)
+        assert part.offset == pytest.approx(expected_offset, abs=1e-9)
+        expected_offset += part.duration or 0.0
+    assert [p.offset for p in parts] == sorted({p.offset for p in parts})
+    assert expected_offset == pytest.approx(recording.seconds, abs=0.5)
+    for part in parts[1:]:
+        assert any(a + 0.04 <= part.offset <= b - 0.04 for a, b in recording.pauses), part.offset
+
+
+def test_long_recording_is_cut_at_pauses_under_max_seconds(half_hour: Recording, tmp_path: Path) -> None:
+    limits = AudioLimits(max_seconds=300, formats=API_FORMATS)
+    info = probe(half_hour.path)
+    assert info.api_format == "wav"  # an accepted format, but too long for one request
+    parts = prepare(half_hour.path, info, limits, tmp_path)
+    usable = 300 - audio_split.CUT_MARGIN_SECONDS - 2 * audio_split.CUT_WINDOW_SECONDS
+    assert len(parts) == math.ceil(half_hour.seconds / usable) == 7
+    assert [p.filename for p in parts] == [f"call.part{i:03d}.ogg" for i in range(7)]
+    check_chunks(parts, half_hour, limits)
+
+    # Stitching per-chunk transcripts puts every segment on the recording's own clock.
+    results = [Transcript(text=f"chunk {i}", segments=fake_segments(p.duration or 0.0)) for i, p in enumerate(parts)]
+    stitched = stitch(parts, results)
+    starts = [s.start for s in stitched.segments]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    assert all(s.end <= half_hour.seconds + 0.5 for s in stitched.segments)
+    assert stitched.duration_seconds == pytest.approx(half_hour.seconds, abs=0.5)
+
+
+def fake_segments(duration: float) -> list[Segment]:
+    """What a model might return for a chunk: a segment every 7 s, none past the chunk's end."""
+    return [Segment(start=t, end=min(t + 6.5, duration), text="words") for t in np.arange(0.0, duration, 7.0)]
+
+
+def test_byte_limit_splits_too(tmp_path: Path) -> None:
+    seconds = 600.0
+    talks, pauses = talk_plan(seconds, seed=9)
+    source = tmp_path / "source"
+    source.mkdir()
+    path = source / "call.wav"
+    write_recording(path, talks, seconds=seconds)
+    limits = AudioLimits(max_bytes=400_000)  # ~110 s of 24 kbps Opus
+    parts = prepare(path, probe(path), limits, tmp_path)
+    longest = (400_000 - audio.OGG_HEADER_BYTES) / audio.OPUS_BYTES_PER_SECOND
+    usable = longest - audio_split.CUT_MARGIN_SECONDS - 2 * audio_split.CUT_WINDOW_SECONDS
+    assert len(parts) == math.ceil(seconds / usable) == 7
+    check_chunks(parts, Recording(path, seconds, pauses), limits)
+
+
+def test_chunks_go_to_the_workdir_only(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    copy = shutil.copy(FIXTURES / "video.mp4", source / "original")
+    parts = prepare(Path(copy), probe(Path(copy)), API, tmp_path)
+    assert [p.filename for p in parts] == ["original.ogg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "original.ogg"]
+
+
+def test_audio_info_is_a_value() -> None:
+    info = probe(FIXTURES / "speech.flac")
+    assert info == AudioInfo(**{**info.__dict__})
+    with pytest.raises(AttributeError):
+        info.duration = 1.0  # type: ignore[misc]
