@@ -7,10 +7,11 @@ not followed (a redirect would carry the token somewhere the configuration did n
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -92,16 +93,12 @@ class Deliverer:
             raise RetryableError(f"callback failed: {type(exc).__name__}", code="callback_unavailable") from exc
         try:
             # Read at most a small prefix: a misbehaving endpoint must not make us buffer megabytes.
-            resp.raw.read(MAX_RESPONSE_BYTES, decode_content=True)
-        except Exception:
-            pass
+            # The status has already decided the outcome, so a broken body changes nothing.
+            with contextlib.suppress(OSError, urllib3.exceptions.HTTPError):
+                resp.raw.read(MAX_RESPONSE_BYTES, decode_content=True)
         finally:
             resp.close()
         error = classify_status(resp.status_code)
         if error:
             raise error
 
-
-def describe(payload: CallbackPayload) -> dict[str, Any]:
-    """Loggable summary of a payload (no token)."""
-    return {"job_id": payload.job_id, "status": payload.status, "attempt": payload.attempt}

@@ -70,11 +70,10 @@ class JobClaims:
         self._lock = threading.Lock()
 
     @contextmanager
-    def hold(self, job_id: str, retry_in: float) -> Iterator[None]:
+    def hold(self, job_id: str) -> Iterator[None]:
         with self._lock:
-            if job_id in self._ids:
-                raise RetryableError(f"job {job_id} is already being processed", code="job_in_progress",
-                                     delay=retry_in)
+            if job_id in self._ids:  # the normal backoff brings it back after the first copy settled
+                raise RetryableError(f"job {job_id} is already being processed", code="job_in_progress")
             self._ids.add(job_id)
         try:
             yield
@@ -110,7 +109,7 @@ class Pipeline:
         """Run every stage for one message; returns normally on success (incl. a duplicate)."""
         with self._stage(attempt, "validate"):
             job = attempt.job = parse_job(attempt.message, self.settings)
-        with self.claims.hold(job.job_id, retry_in=min(30.0, self.settings.visibility_timeout)):
+        with self.claims.hold(job.job_id):
             bucket = job.s3_bucket or self.settings.s3_bucket or ""
             with self._stage(attempt, "fetch"):
                 obj = fetch.head(self.s3, bucket, job.s3_key)

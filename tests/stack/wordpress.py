@@ -36,7 +36,7 @@ class WordPressStub:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with stub.lock:
                     status = stub.statuses.popleft() if stub.statuses else 200

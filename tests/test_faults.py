@@ -1,0 +1,195 @@
+"""Fault injection with real processes and servers: no job lost, none transcribed twice (issue 3, 10a-f)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.conftest import send_job, upload
+from tests.stack import wait_for
+from tests.stack.aws import AwsStack
+from tests.stack.openai_stub import Reply
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def completed(wordpress, job_id):
+    return [b for b in wordpress.terminal(job_id) if b["status"] == "completed"]
+
+
+@pytest.mark.e2e
+def test_kill_9_mid_transcription_then_restart_completes_once(spawn_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/a.wav")
+    openai_stub.latency = 120  # the first daemon dies while the request hangs
+    first = spawn_daemon({"VISIBILITY_TIMEOUT": "5"})
+    first.wait_ready()
+    send_job(aws, "job-kill", "audio/a.wav")
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    first.proc.kill()
+    first.proc.wait(10)
+
+    openai_stub.latency = 0
+    second = spawn_daemon({"VISIBILITY_TIMEOUT": "5"})
+    wait_for(lambda: completed(wordpress, "job-kill"), timeout=60, what="completed after restart")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="queue empty")
+    assert len(wordpress.terminal("job-kill")) == 1
+    assert openai_stub.count() == 2  # the killed attempt never finished, so it was not paid twice
+    assert wordpress.terminal("job-kill")[0]["attempt"] == 2
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(30) == 0
+
+
+def test_flaky_upstreams_every_job_one_terminal_callback(run_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/ok.wav")
+    openai_stub.script.extend([
+        Reply(429, {"retry-after": "1"}, {"message": "rate limited"}),
+        Reply(500),
+        Reply(delay=4),  # longer than TRANSCRIBE_TIMEOUT: the client times out
+    ])
+    wordpress.statuses.extend([503] * 6)  # WordPress down for a while, then back
+    jobs = [f"flaky-{i}" for i in range(4)]
+    for job in jobs:
+        send_job(aws, job, "audio/ok.wav")
+    send_job(aws, "flaky-missing", "audio/does-not-exist.wav")
+    run_daemon(concurrency=2, transcribe_timeout=1.5, visibility_timeout=10)
+
+    wait_for(lambda: all(wordpress.terminal(j) for j in [*jobs, "flaky-missing"]), timeout=120,
+             what="a terminal callback for every job")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=60, what="source queue empty")
+    for job in jobs:
+        [body] = wordpress.terminal(job)
+        assert body["status"] == "completed"
+    [failed] = wordpress.terminal("flaky-missing")
+    assert failed["status"] == "failed" and failed["error"]["code"] == "audio_not_found"
+    assert failed["error"]["retryable"] is False
+    [dead] = wait_for(lambda: aws.dlq_messages(), timeout=30, what="dead letter")
+    attrs = {k: v["StringValue"] for k, v in dead["MessageAttributes"].items()}
+    assert attrs["error_code"] == "audio_not_found" and attrs["source_message_id"]
+    assert "signature" in attrs and attrs["failed_at"].isdigit()
+    # One request per job plus one per injected OpenAI failure: callback-only failures reused the
+    # stored transcript instead of paying for a second transcription.
+    assert openai_stub.count() == len(jobs) + 3
+
+
+def test_job_slower_than_visibility_timeout_is_not_given_to_another_worker(run_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/slow.wav")
+    openai_stub.latency = 8
+    send_job(aws, "job-slow", "audio/slow.wav")
+    a = run_daemon(visibility_timeout=3, concurrency=2)
+    b = run_daemon(visibility_timeout=3, concurrency=2)
+    wait_for(lambda: wordpress.terminal("job-slow"), timeout=60, what="slow job callback")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="queue empty")
+    assert openai_stub.count() == 1
+    [body] = wordpress.terminal("job-slow")
+    assert body["attempt"] == 1
+    beats = sum(d.daemon.metrics.heartbeats.labels("ok")._value.get() for d in (a, b))
+    assert beats >= 2
+
+
+@pytest.mark.e2e
+def test_sigterm_during_a_job_lets_it_finish_and_exits_0(spawn_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/t.wav")
+    openai_stub.latency = 3
+    daemon = spawn_daemon({"SHUTDOWN_GRACE": "30"})
+    daemon.wait_ready()
+    send_job(aws, "job-term", "audio/t.wav")
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    assert [b["status"] for b in wordpress.terminal("job-term")] == ["completed"]
+    assert aws.counts() == (0, 0)
+
+
+@pytest.mark.e2e
+def test_sigterm_past_the_grace_releases_the_job_at_once(spawn_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/r.wav")
+    openai_stub.latency = 120
+    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1", "VISIBILITY_TIMEOUT": "600"})
+    daemon.wait_ready()
+    send_job(aws, "job-release", "audio/r.wav")
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(20) == 0
+    assert daemon.events("job_released")
+    # Visible again straight away (not after the 600 s visibility timeout): another instance can take it.
+    wait_for(lambda: aws.counts() == (1, 0), timeout=10, what="message visible again")
+    assert wordpress.terminal("job-release") == []
+
+
+@pytest.mark.e2e
+def test_second_signal_exits_immediately(spawn_daemon, aws, openai_stub):
+    upload(aws, "audio/s.wav")
+    openai_stub.latency = 120
+    daemon = spawn_daemon({"SHUTDOWN_GRACE": "120"})
+    daemon.wait_ready()
+    send_job(aws, "job-sig2", "audio/s.wav")
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.events("shutdown_started"), timeout=10, what="graceful shutdown begun")
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(10) == 128 + signal.SIGINT
+
+
+def test_same_job_sent_twice_one_transcription_one_callback(run_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/d.wav")
+    openai_stub.latency = 1
+    send_job(aws, "job-dup", "audio/d.wav")
+    send_job(aws, "job-dup", "audio/d.wav")
+    rd = run_daemon(concurrency=4)
+    wait_for(lambda: aws.counts() == (0, 0), timeout=60, what="both copies settled")
+    assert openai_stub.count() == 1
+    assert len(wordpress.terminal("job-dup")) == 1
+    # A third copy long after completion is recognised from the stored result and dropped quietly.
+    send_job(aws, "job-dup", "audio/d.wav")
+    wait_for(lambda: rd.daemon.metrics.jobs.labels("duplicate")._value.get() >= 1, timeout=30, what="duplicate")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="third copy deleted")
+    assert openai_stub.count() == 1 and len(wordpress.terminal("job-dup")) == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_three_daemons_share_sixty_jobs(spawn_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/m.wav")
+    openai_stub.latency = 0.3
+    daemons = [spawn_daemon({"CONCURRENCY": "3"}) for _ in range(3)]
+    for d in daemons:
+        d.wait_ready()
+    jobs = [f"multi-{i:02d}" for i in range(60)]
+    for job in jobs:
+        send_job(aws, job, "audio/m.wav")
+    wait_for(lambda: len(wordpress.accepted()) >= 60, timeout=240, what="60 callbacks")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="queue empty")
+    for job in jobs:
+        assert [b["status"] for b in wordpress.terminal(job)] == ["completed"], job
+    assert openai_stub.count() == 60
+    for d in daemons:
+        d.proc.send_signal(signal.SIGTERM)
+    for d in daemons:
+        assert d.proc.wait(30) == 0
+        assert len(d.events("job_completed")) > 0  # every process did some of the work
+
+
+def test_last_receive_before_redrive_is_final(moto_server, make_settings, run_daemon, openai_stub, wordpress):
+    aws = AwsStack.create(moto_server, max_receives=2)
+    upload(aws, "audio/x.wav")
+    openai_stub.script.extend([Reply(500), Reply(500)])
+    send_job(aws, "job-final", "audio/x.wav")
+    run_daemon(sqs_queue_url=aws.queue_url, s3_bucket=aws.bucket)
+    [body] = wait_for(lambda: wordpress.terminal("job-final"), timeout=60, what="failed callback")
+    assert body["status"] == "failed" and body["attempt"] == 2
+    assert body["error"]["code"] == "transcription_unavailable" and body["error"]["retryable"] is True
+    [dead] = wait_for(lambda: aws.dlq_messages(), timeout=30, what="dead letter")
+    assert dead["MessageAttributes"]["error_code"]["StringValue"] == "transcription_unavailable"
+    assert aws.counts() == (0, 0)
+
+
+def test_rate_limit_pauses_every_worker(run_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/rl.wav")
+    openai_stub.script.append(Reply(429, {"retry-after": "2"}, {"message": "slow down"}))
+    for i in range(3):
+        send_job(aws, f"rl-{i}", "audio/rl.wav")
+    rd = run_daemon(concurrency=3)
+    wait_for(lambda: len(wordpress.accepted()) == 3, timeout=60, what="all three completed")
+    assert rd.daemon.metrics.backpressure_seconds._value.get() >= 1.5
+    assert rd.daemon.metrics.errors.labels("transcribe", "rate_limited")._value.get() == 1
