@@ -1,0 +1,178 @@
+"""monitoring/: the alert rules pass `promtool check rules` and their unit tests, the example Prometheus
+config is valid, the Grafana dashboard parses and its queries are valid PromQL, and every metric the
+dashboard and the alerts use is one the daemon exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
+ALERTS = MONITORING / "alerts.yml"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+
+# The daemon's metrics (consumer/metrics.py); a histogram also exports _bucket, _sum and _count.
+METRICS = frozenset(
+    {
+        "sidecar_jobs_total",
+        "sidecar_errors_total",
+        "sidecar_stage_duration_seconds",
+        "sidecar_job_duration_seconds",
+        "sidecar_jobs_in_progress",
+        "sidecar_message_age_seconds",
+        "sidecar_audio_seconds_total",
+        "sidecar_sqs_requests_total",
+        "sidecar_transcriptions_total",
+        "sidecar_queue_messages",
+        "sidecar_heartbeats_total",
+        "sidecar_backpressure_seconds_total",
+        "sidecar_rejected_total",
+        "sidecar_last_poll_timestamp_seconds",
+        "sidecar_build_info",
+    }
+)
+HISTOGRAMS = frozenset(
+    {"sidecar_stage_duration_seconds", "sidecar_job_duration_seconds", "sidecar_message_age_seconds"}
+)
+# Grafana's variables, replaced by something PromQL accepts so promtool can parse the queries.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$cost_per_minute": "0.006"}
+
+
+def _promtool() -> str:
+    exe = shutil.which("promtool")
+    if exe is None:
+        reason = "promtool not installed (scripts/install-system-deps.sh installs the prometheus package)"
+        print(reason)
+        pytest.skip(reason)
+    return exe
+
+
+def _promtool_run(*args: str, cwd: Path = MONITORING) -> str:
+    proc = subprocess.run([_promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    return output
+
+
+def _dashboard() -> dict[str, Any]:
+    data = json.loads(DASHBOARD.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _dashboard_exprs() -> list[str]:
+    exprs = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            exprs.extend(t["expr"] for t in panel.get("targets", []) if t.get("expr"))
+            walk(panel.get("panels", []))
+
+    walk(_dashboard()["panels"])
+    return exprs
+
+
+def _alert_exprs() -> list[str]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    rules = yaml.safe_load(ALERTS.read_text())
+    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def _metric_names(expr: str) -> set[str]:
+    names = set(re.findall(r"\bsidecar_[a-z0-9_]+", expr))
+    out = set()
+    for name in names:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        out.add(base if base in HISTOGRAMS else name)
+    return out
+
+
+def test_rules_check() -> None:
+    assert "SUCCESS" in _promtool_run("check", "rules", ALERTS.name)
+
+
+def test_rules_unit_tests() -> None:
+    assert "SUCCESS" in _promtool_run("test", "rules", "alerts_test.yml")
+
+
+def test_prometheus_config_check() -> None:
+    _promtool_run("check", "config", "prometheus.yml")
+
+
+def test_every_alert_has_a_firing_test_and_the_suite_has_a_quiet_case() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    rules = yaml.safe_load(ALERTS.read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    cases = [
+        case
+        for test in yaml.safe_load((MONITORING / "alerts_test.yml").read_text())["tests"]
+        for case in test["alert_rule_test"]
+    ]
+    fired = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    quiet = {case["alertname"] for case in cases if not case.get("exp_alerts")}
+    assert alerts == fired, alerts ^ fired
+    assert alerts == quiet, alerts ^ quiet
+    for required in (
+        "SidecarDown",
+        "SidecarNoSuccessfulPoll",
+        "SidecarDeadLetters",
+        "SidecarJobFailureRatioHigh",
+        "SidecarQueueBacklogGrowing",
+        "SidecarJobsWaitTooLong",
+        "SidecarOpenAIRateLimited",
+    ):
+        assert required in alerts
+
+
+def test_alerts_use_only_exported_metrics() -> None:
+    exprs = _alert_exprs()
+    used = set().union(*map(_metric_names, exprs))
+    assert used <= METRICS, used - METRICS
+    assert any('up{job="salestrainer-sidecar"}' in e for e in exprs)
+
+
+def test_dashboard_parses_and_uses_only_exported_metrics() -> None:
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 15
+    used = set().union(*map(_metric_names, exprs))
+    assert used <= METRICS, used - METRICS
+    # What the dashboard is for: throughput/outcomes, latencies, in flight, queues, audio and cost.
+    for metric in (
+        "sidecar_jobs_total",
+        "sidecar_stage_duration_seconds",
+        "sidecar_jobs_in_progress",
+        "sidecar_queue_messages",
+        "sidecar_audio_seconds_total",
+    ):
+        assert metric in used, metric
+    assert any("histogram_quantile(0.95" in e for e in exprs)
+    assert any("histogram_quantile(0.5" in e for e in exprs)
+    assert any('queue="dlq"' in e for e in exprs)
+    assert any("$cost_per_minute" in e for e in exprs)
+
+
+def test_dashboard_cost_variable_defaults_to_0_006() -> None:
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    cost = variables["cost_per_minute"]
+    assert cost["query"] == "0.006"
+    assert cost["current"]["value"] == "0.006"
+    assert {"datasource", "env", "model"} <= set(variables)
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """Each query, with Grafana's variables filled in, as a recording rule that promtool parses."""
+    rules = []
+    for i, expr in enumerate(_dashboard_exprs()):
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        assert "$__" not in expr, expr
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))  # JSON is YAML
+    assert "SUCCESS" in _promtool_run("check", "rules", str(path), cwd=tmp_path)
