@@ -7,7 +7,7 @@ translation of PyAV and CTranslate2 failures into the project's error tree, by t
                                  our temp file vanished   -> RetryableError transcription_unavailable
     running the model            anything                 -> RetryableError transcription_unavailable
     language not in the model                             -> PermanentError transcription_rejected
-    slower than TRANSCRIBE_TIMEOUT                        -> RetryableError transcription_unavailable
+    slower than TRANSCRIBE_TIMEOUT (once it has a worker) -> RetryableError transcription_unavailable
 
 faster-whisper is an optional extra (`pip install 'salestrainer-sidecar[local]'`), imported only here.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,11 +34,12 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000  # what Whisper's feature extractor expects; decode_audio resamples to it
 
-# faster-whisper decodes the whole part into memory before it starts: float32 at 16 kHz is 64 KB per
-# second, plus an int16 copy and the mel features. Ten minutes is ~60 MB per call in flight, and with
-# `concurrency` jobs each running `transcribe_parallelism` chunks that multiplies, so audio.prepare cuts
-# longer recordings into parts of at most this length rather than letting a 4-hour call take ~1.5 GB.
-MAX_PART_SECONDS = 600.0
+# faster-whisper holds the whole part in memory: the decoded audio (64 KB/s) and, while it computes the
+# mel features of all of it at once, STFT temporaries of ~1.1 MB per second of audio (measured with
+# tracemalloc: 327 MB peak for 300 s, 654 MB for 600 s). A 4-hour call in one piece would need ~16 GB,
+# so audio.prepare cuts recordings into parts of at most this length; Whisper reads 30 s windows anyway,
+# so the only cost of shorter parts is a few more boundaries to stitch.
+MAX_PART_SECONDS = 300.0
 
 # Ordered (exception type, retryable?, code); the first isinstance match wins. Order matters: PyAV's
 # FileNotFoundError is also an FFmpegError, and a vanished temp file is our problem, not the recording's.
@@ -62,13 +64,9 @@ INSTALL_HINT = (
 )
 
 
-def translate_error(
-    exc: Exception, table: tuple[tuple[type[BaseException], bool, str], ...]
-) -> ConsumerError:
+def translate_error(exc: Exception, table: tuple[tuple[type[BaseException], bool, str], ...]) -> ConsumerError:
     """Map a PyAV/CTranslate2 exception to RetryableError/PermanentError by one of the tables above."""
-    retryable, code = next(
-        ((r, c) for t, r, c in table if isinstance(exc, t)), (True, "transcription_unavailable")
-    )
+    retryable, code = next(((r, c) for t, r, c in table if isinstance(exc, t)), (True, "transcription_unavailable"))
     detail = f"faster-whisper: {type(exc).__name__}: {exc}"
     return RetryableError(detail, code=code) if retryable else PermanentError(detail, code=code)
 
@@ -128,6 +126,10 @@ class LocalWhisperTranscriber:
         self.limits = AudioLimits(max_bytes=None, max_seconds=MAX_PART_SECONDS, formats=None)
         self.timeout = timeout
         self._decode_audio = decode_audio
+        # Calls beyond num_workers would only queue inside CTranslate2, each already holding its decoded
+        # audio and features (see MAX_PART_SECONDS) and with its TRANSCRIBE_TIMEOUT running. Queuing them
+        # here instead bounds memory to num_workers parts and makes the timeout measure work, not waiting.
+        self._slots = threading.BoundedSemaphore(max(1, num_workers))
         started = time.monotonic()
         try:
             # num_workers is CTranslate2's inter_threads: that many replicas serve concurrent transcribe()
@@ -143,12 +145,8 @@ class LocalWhisperTranscriber:
                 cpu_threads=cpu_threads,
             )
         except Exception as exc:  # ctranslate2 reports a bad model.bin, hub errors, ... as various types
-            reason = " ".join(
-                str(exc).split()
-            )  # ConfigError is one line per problem; hub errors span several
-            raise ConfigError(
-                [f"WHISPER_MODEL: cannot load {model!s}: {type(exc).__name__}: {reason}{hint}"]
-            ) from None
+            reason = " ".join(str(exc).split())  # ConfigError is one line per problem; hub errors span several
+            raise ConfigError([f"WHISPER_MODEL: cannot load {model!s}: {type(exc).__name__}: {reason}{hint}"]) from exc
         log.info(
             "whisper_model_loaded",
             extra={
@@ -185,9 +183,11 @@ class LocalWhisperTranscriber:
     def transcribe(self, part: AudioPart, *, language: str | None, prompt: str | None) -> Transcript:
         """Transcribe one part; segments are relative to the part (transcribe_parts shifts them)."""
         if language and language not in self._whisper.supported_languages:
-            raise PermanentError(
-                f"{self.model} does not know language {language!r}", code="transcription_rejected"
-            )
+            raise PermanentError(f"{self.model} does not know language {language!r}", code="transcription_rejected")
+        with self._slots:
+            return self._transcribe(part, language=language, prompt=prompt)
+
+    def _transcribe(self, part: AudioPart, *, language: str | None, prompt: str | None) -> Transcript:
         try:
             audio = self._decode_audio(str(part.path), sampling_rate=SAMPLE_RATE)
         except Exception as exc:
@@ -200,9 +200,7 @@ class LocalWhisperTranscriber:
             # The segments are a lazy generator: the model runs while we iterate, so errors surface here
             # and the deadline can stop it between segments (closing the generator ends the work).
             for piece in pieces:
-                segments.append(
-                    Segment(start=float(piece.start), end=float(piece.end), text=piece.text.strip())
-                )
+                segments.append(Segment(start=float(piece.start), end=float(piece.end), text=piece.text.strip()))
                 if deadline is not None and time.monotonic() > deadline:
                     pieces.close()
                     raise RetryableError(
@@ -234,9 +232,7 @@ def _resolve_device(device: str, *, cuda_devices: int) -> str:
 def _check_model_dir(path: Path) -> None:
     """A CTranslate2 Whisper directory needs these; tokenizer.json too, or faster-whisper goes to the hub."""
     if not path.is_dir():
-        raise ConfigError(
-            [f"WHISPER_MODEL: {path} is not a directory (run `make model` to fetch whisper-base)"]
-        )
+        raise ConfigError([f"WHISPER_MODEL: {path} is not a directory (run `make model` to fetch whisper-base)"])
     missing = [name for name in ("model.bin", "config.json", "tokenizer.json") if not (path / name).is_file()]
     if missing:
         raise ConfigError(

@@ -148,10 +148,21 @@ def test_unknown_language_is_rejected(transcriber: LocalWhisperTranscriber, spee
 
 
 @pytest.mark.asr
+@pytest.mark.timeout(60)
+def test_slower_than_the_timeout_is_retryable(speech_part: AudioPart) -> None:
+    impatient = LocalWhisperTranscriber(model_dir(), device="cpu", timeout=1e-6)
+
+    with pytest.raises(RetryableError) as caught:
+        impatient.transcribe(speech_part, language="en", prompt=None)
+    assert caught.value.code == "transcription_unavailable"
+    assert "TRANSCRIBE_TIMEOUT" in caught.value.message
+
+
+@pytest.mark.asr
 def test_limits_let_the_audio_stage_chunk_long_recordings(transcriber: LocalWhisperTranscriber) -> None:
     assert transcriber.limits.max_bytes is None
     assert transcriber.limits.formats is None
-    assert transcriber.limits.max_seconds == 600
+    assert transcriber.limits.max_seconds == 300
     assert transcriber.supports_prompt is True
 
 
