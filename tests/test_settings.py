@@ -1,0 +1,88 @@
+"""Settings: defaults, the old variable names, cross-field checks, errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer.errors import ConfigError
+from consumer.settings import load_settings
+
+
+def build(**values):
+    return load_settings(env_file=None, **values)
+
+
+def test_defaults_keep_the_old_service_conventions(monkeypatch):
+    for var in ("METRICS_PORT", "METRICS_HOST", "TRANSCRIBE_MODEL", "SEND_X_SERVER_TOKEN_HEADER", "LOG_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    s = build()
+    assert s.metrics_port == 9002 and s.metrics_host == "127.0.0.1"
+    assert s.transcribe_model == "gpt-transcribe"
+    assert s.send_x_server_token_header is True
+    assert s.concurrency == 4 and s.log_format == "json"
+
+
+def test_reads_the_environment_with_the_old_names(monkeypatch):
+    monkeypatch.setenv("S3_BUCKET", "bucket-a")
+    monkeypatch.setenv("SIDE_CAR_SECRET", "new-secret, old-secret")
+    monkeypatch.setenv("SEND_X_SERVER_TOKEN_HEADER", "false")
+    monkeypatch.setenv("S3_ALLOWED_BUCKETS", "b2,b3")
+    s = build()
+    assert s.s3_bucket == "bucket-a"
+    assert s.secrets == ["new-secret", "old-secret"]
+    assert s.signature_required is True
+    assert s.send_x_server_token_header is False
+    assert s.allowed_buckets == {"bucket-a", "b2", "b3"}
+
+
+def test_env_file_is_read(tmp_path):
+    env = tmp_path / ".env"
+    env.write_text("S3_BUCKET=from-file\nCONCURRENCY=7\n")
+    assert load_settings(env_file=env).concurrency == 7
+
+
+@pytest.mark.parametrize(("values", "variable"), [
+    ({"concurrency": "0"}, "CONCURRENCY"),
+    ({"metrics_port": "99999"}, "METRICS_PORT"),
+    ({"log_format": "xml"}, "LOG_FORMAT"),
+    ({"environment": "prod", "side_car_secret": ""}, "SIDE_CAR_SECRET"),
+    ({"wp_side_car_callback": "http://wp.example.com/cb"}, "WP_SIDE_CAR_CALLBACK"),
+    ({"wp_side_car_callback": "ftp://x"}, "WP_SIDE_CAR_CALLBACK"),
+    ({"heartbeat_interval": "50", "visibility_timeout": "30"}, "HEARTBEAT_INTERVAL"),
+    ({"require_signature": "true", "side_car_secret": ""}, "REQUIRE_SIGNATURE"),
+    ({"transcriber": "openai", "openai_api_key": "", "openai_base_url": ""}, "OPENAI_API_KEY"),
+])
+def test_problems_name_the_variable(values, variable, monkeypatch):
+    monkeypatch.delenv("SIDE_CAR_SECRET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        build(**values)
+    assert any(p.startswith(variable) for p in err.value.problems), err.value.problems
+
+
+def test_insecure_callback_allowed_for_loopback_or_when_asked():
+    build(wp_side_car_callback="http://127.0.0.1:8080/cb")
+    build(wp_side_car_callback="http://localhost/cb")
+    build(wp_side_car_callback="http://wp.internal/cb", allow_insecure_callback="true")
+
+
+def test_secrets_never_in_repr():
+    s = build(openai_api_key="sk-very-secret", wp_server_token="tok-very-secret", side_car_secret="sig-very-secret")
+    text = repr(s) + str(s) + str(s.model_dump())
+    for secret in ("sk-very-secret", "tok-very-secret", "sig-very-secret"):
+        assert secret not in text
+    assert set(s.secret_values()) >= {"sk-very-secret", "tok-very-secret", "sig-very-secret"}
+
+
+def test_transcriber_default_depends_on_openai_configuration(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("TRANSCRIBER", raising=False)
+    assert build().transcriber_kind == "local"
+    assert build(openai_api_key="sk-x").transcriber_kind == "openai"
+    assert build(openai_base_url="http://127.0.0.1:1/v1").transcriber_kind == "openai"
+
+
+def test_run_problems_list_what_run_needs():
+    problems = build(sqs_queue_url="", s3_bucket="", wp_side_car_callback="", wp_server_token="").run_problems()
+    assert [p.split(":")[0] for p in problems] == ["SQS_QUEUE_URL", "S3_BUCKET", "WP_SIDE_CAR_CALLBACK",
+                                                   "WP_SERVER_TOKEN"]
