@@ -1,0 +1,151 @@
+"""deploy/cloudformation.yaml: cfn-lint is clean, and the stack created in moto has the queues with their
+redrive policy, retention and encryption, least-privilege policies, and outputs that resolve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "cloudformation.yaml"
+REGION = "us-east-1"
+BUCKET = "salestrainer-recordings-test"
+FOUR_DAYS, FOURTEEN_DAYS = 4 * 86400, 14 * 86400
+
+
+def test_cfn_lint_is_clean() -> None:
+    exe = Path(sys.executable).with_name("cfn-lint")
+    cfn_lint = str(exe) if exe.exists() else shutil.which("cfn-lint")
+    if cfn_lint is None:
+        reason = "cfn-lint not installed (pip install -e '.[dev]' brings it)"
+        print(reason)
+        pytest.skip(reason)
+    proc = subprocess.run([cfn_lint, str(TEMPLATE)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    with mock_aws():
+        boto3.client("s3", region_name=REGION).create_bucket(Bucket=BUCKET)
+        yield
+
+
+def create_stack(name: str, **parameters: str) -> dict[str, str]:
+    """Create the stack in moto and return its outputs."""
+    cfn = boto3.client("cloudformation", region_name=REGION)
+    params = [{"ParameterKey": k, "ParameterValue": v} for k, v in {"BucketName": BUCKET, **parameters}.items()]
+    with warnings.catch_warnings():
+        # moto does not model AWS::SQS::QueuePolicy (the TLS-only deny); it skips it with a warning.
+        warnings.filterwarnings("ignore", message=".*AWS::SQS::QueuePolicy.*")
+        cfn.create_stack(StackName=name, TemplateBody=TEMPLATE.read_text(), Parameters=params)
+    stack = cfn.describe_stacks(StackName=name)["Stacks"][0]
+    assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
+    return {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+
+
+def queue_attributes(url: str) -> dict[str, str]:
+    sqs = boto3.client("sqs", region_name=REGION)
+    return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+
+
+def policy_statements(arn: str) -> list[dict[str, Any]]:
+    iam = boto3.client("iam", region_name=REGION)
+    version = iam.get_policy(PolicyArn=arn)["Policy"]["DefaultVersionId"]
+    document = iam.get_policy_version(PolicyArn=arn, VersionId=version)["PolicyVersion"]["Document"]
+    if isinstance(document, str):
+        document = json.loads(document)
+    return list(document["Statement"])
+
+
+def grants(statements: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(action, resource) pairs the Allow statements grant."""
+    out = set()
+    for st in statements:
+        assert st["Effect"] == "Allow"
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        out |= {(a, r) for a in actions for r in resources}
+    return out
+
+
+def test_stack_creates_queues_with_redrive_and_retention(aws: None) -> None:
+    out = create_stack("salestrainer-prod")
+    assert {"QueueUrl", "DlqUrl", "QueueArn", "DlqArn", "SidecarPolicyArn", "WordPressPolicyArn"} <= set(out)
+    assert out["QueueUrl"].endswith("/salestrainer-prod-jobs")
+    assert out["DlqUrl"].endswith("/salestrainer-prod-jobs-dlq")
+
+    main = queue_attributes(out["QueueUrl"])
+    dlq = queue_attributes(out["DlqUrl"])
+    redrive = json.loads(main["RedrivePolicy"])
+    assert redrive["deadLetterTargetArn"] == dlq["QueueArn"] == out["DlqArn"]
+    assert int(redrive["maxReceiveCount"]) == 5
+    assert int(main["VisibilityTimeout"]) == 120
+    assert int(main["MessageRetentionPeriod"]) == FOUR_DAYS
+    assert int(dlq["MessageRetentionPeriod"]) == FOURTEEN_DAYS
+    assert int(main["ReceiveMessageWaitTimeSeconds"]) == 20
+    assert main["SqsManagedSseEnabled"] == dlq["SqsManagedSseEnabled"] == "true"
+
+
+def test_parameters_reach_the_queues(aws: None) -> None:
+    out = create_stack("salestrainer-dev", Environment="dev", VisibilityTimeout="300", MaxReceiveCount="3")
+    assert out["QueueUrl"].endswith("/salestrainer-dev-jobs")
+    main = queue_attributes(out["QueueUrl"])
+    assert int(main["VisibilityTimeout"]) == 300
+    assert int(json.loads(main["RedrivePolicy"])["maxReceiveCount"]) == 3
+
+
+def test_outputs_resolve_to_working_queues(aws: None) -> None:
+    out = create_stack("salestrainer-prod")
+    sqs = boto3.client("sqs", region_name=REGION)
+    sqs.send_message(QueueUrl=out["QueueUrl"], MessageBody="{}")
+    got = sqs.receive_message(QueueUrl=out["QueueUrl"], WaitTimeSeconds=0)["Messages"]
+    assert len(got) == 1
+    # The daemon finds the DLQ from the RedrivePolicy when SQS_DLQ_URL is unset.
+    dlq_name = json.loads(queue_attributes(out["QueueUrl"])["RedrivePolicy"])["deadLetterTargetArn"].split(":")[-1]
+    assert sqs.get_queue_url(QueueName=dlq_name)["QueueUrl"] == out["DlqUrl"]
+
+
+def test_policies_are_least_privilege(aws: None) -> None:
+    out = create_stack("salestrainer-prod", AudioPrefix="audio/", ResultsPrefix="transcripts/")
+    queue, dlq = out["QueueArn"], out["DlqArn"]
+    audio = f"arn:aws:s3:::{BUCKET}/audio/*"
+    results = f"arn:aws:s3:::{BUCKET}/transcripts/*"
+
+    sidecar = grants(policy_statements(out["SidecarPolicyArn"]))
+    expected = {
+        *{(a, queue) for a in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility")},
+        ("sqs:GetQueueAttributes", queue),
+        ("sqs:SendMessage", queue),  # `sidecar dlq redrive`
+        *{(a, dlq) for a in ("sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage")},
+        ("sqs:GetQueueAttributes", dlq),
+        ("sqs:GetQueueUrl", dlq),
+        ("sqs:PurgeQueue", dlq),  # `sidecar dlq purge`
+        ("s3:GetObject", audio),
+        ("s3:GetObject", results),
+        ("s3:PutObject", results),
+        ("s3:ListBucket", f"arn:aws:s3:::{BUCKET}"),  # 404 rather than 403 for a missing key
+    }
+    assert sidecar == expected, sidecar ^ expected
+
+    wordpress = grants(policy_statements(out["WordPressPolicyArn"]))
+    assert wordpress == {("sqs:SendMessage", queue), ("s3:PutObject", audio)}
+
+    for action, resource in sidecar | wordpress:
+        assert "*" not in action
+        assert resource.endswith("/*") or "*" not in resource
