@@ -175,8 +175,9 @@ def _scan(container: Any, stream: Any, *, need_duration: bool) -> tuple[int, boo
     """
     decodable, packets, tried, first, end, counted = False, 0, 0, None, 0, 0
     for packet in container.demux(stream):
-        if packet.size == 0:
-            continue  # the flush packet PyAV appends
+        if packet.size == 0:  # the flush packet PyAV appends: a decoder may hold a short file's frames
+            decodable = decodable or (packets > 0 and bool(_decode(packet)))
+            continue
         packets += 1
         if packet.pts is not None and packet.duration:
             first = packet.pts if first is None else min(first, packet.pts)
@@ -184,10 +185,7 @@ def _scan(container: Any, stream: Any, *, need_duration: bool) -> tuple[int, boo
         needs_samples = need_duration and (packet.pts is None or not packet.duration)
         if not decodable or needs_samples:
             tried += 1
-            try:
-                frames = packet.decode()
-            except av.error.InvalidDataError:
-                frames = []
+            frames = _decode(packet)
             decodable = decodable or bool(frames)
             counted += sum(f.samples for f in frames) if needs_samples else 0
         if not need_duration and (decodable or tried >= PROBE_DECODE_PACKETS):
@@ -195,6 +193,13 @@ def _scan(container: Any, stream: Any, *, need_duration: bool) -> tuple[int, boo
     if counted:
         return packets, decodable, counted / (stream.codec_context.sample_rate or 1)
     return packets, decodable, float((end - first) * stream.time_base) if first is not None else 0.0
+
+
+def _decode(packet: Any) -> list[Any]:
+    try:
+        return list(packet.decode())
+    except av.error.InvalidDataError:  # a damaged packet; the caller decides whether that is fatal
+        return []
 
 
 def check_limits(info: AudioInfo, *, max_bytes: int, max_seconds: float) -> None:
