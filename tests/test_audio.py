@@ -153,6 +153,25 @@ def test_others_are_transcoded_to_mono_opus(name: str, limits: AudioLimits, tmp_
     assert out.size_bytes < 20_000  # ~24 kbps
 
 
+def test_a_format_the_api_lacks_is_transcoded_unless_any_format_goes(tmp_path: Path) -> None:
+    path = tmp_path / "android.aac"  # raw ADTS AAC: PyAV decodes it, the API's list does not name it
+    with av.open(str(FIXTURES / "speech.wav")) as src, av.open(str(path), "w", format="adts") as out:
+        stream = out.add_stream("aac", rate=16_000)
+        stream.layout = "mono"
+        for frame in src.decode(audio=0):
+            frame.pts = None
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    info = probe(path)
+    assert (info.container, info.codec, info.api_format) == ("aac", "aac", None)
+    [part] = prepare(path, info, API, tmp_path)
+    assert part.filename == "android.ogg"
+    assert probe(part.path).codec == "opus"
+    # A local backend takes whatever PyAV decodes (formats=None): the original goes as it is.
+    [original] = prepare(path, info, AudioLimits(max_bytes=None, formats=None), tmp_path)
+    assert (original.path, original.filename) == (path, "android.aac")
+
+
 def test_limits_too_small_to_cut_between_words_are_refused(tmp_path: Path) -> None:
     info = probe(FIXTURES / "speech.flac")
     with pytest.raises(PermanentError, match="at least 30 s"):
