@@ -176,3 +176,21 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))  # JSON is YAML
     assert "SUCCESS" in _promtool_run("check", "rules", str(path), cwd=tmp_path)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_alert_runbook_links_point_at_runbook_sections() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    runbook = MONITORING.parent / "docs" / "operations.md"
+    anchors = {_anchor(m) for m in re.findall(r"^#+ (.+)$", runbook.read_text(), re.MULTILINE)}
+    rules = yaml.safe_load(ALERTS.read_text())
+    for rule in (r for group in rules["groups"] for r in group["rules"]):
+        link = rule["annotations"]["runbook"]
+        path, _, anchor = link.partition("#")
+        assert path == "docs/operations.md", link
+        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in docs/operations.md"
