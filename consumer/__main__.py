@@ -154,7 +154,11 @@ def parser() -> argparse.ArgumentParser:
     dev.set_defaults(fn=cmd_dev, drain=False)
 
     check = sub.add_parser("check", help="validate the configuration and reach every dependency",
-                           description="One line per check with a pass/fail mark; exit 1 if any failed.")
+                           description="Validates the configuration, then reaches the S3 bucket (HeadBucket), the "
+                           "queue (depth and RedrivePolicy), the transcriber (OpenAI: lists models; local: loads "
+                           "the model) and the WordPress callback host (TCP connect, nothing is posted). One line "
+                           "per check with a pass/fail mark; exit 1 if any failed, 2 on a configuration error. "
+                           "Secrets are never printed.")
     check.set_defaults(fn=cmd_check)
 
     enq = sub.add_parser("enqueue", help="upload a recording (if local) and send a signed job",
@@ -174,12 +178,18 @@ def parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="list, redrive or purge dead letters",
                          description="The dead-letter queue is SQS_DLQ_URL or the queue's RedrivePolicy target.")
     dsub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dsub.add_parser("ls", help="list dead letters: job_id, error_code, failed_at, receive count")
-    red = dsub.add_parser("redrive", help="move dead letters back to the source queue")
+    dsub.add_parser("ls", help="list dead letters: job_id, error_code, failed_at, receive count",
+                    description="Print one tab-separated row per dead letter. Messages stay in the DLQ.")
+    red = dsub.add_parser("redrive", help="move dead letters back to the source queue",
+                          description="Send dead letters back to SQS_QUEUE_URL with their original body and "
+                          "signature, then delete them from the DLQ. Stored transcripts are reused, so a "
+                          "redrive after a WordPress outage only re-sends callbacks.")
     red.add_argument("--job-id", action="append", help="redrive this job (repeatable)")
     red.add_argument("--all", action="store_true", help="redrive every dead letter")
-    pur = dsub.add_parser("purge", help="delete every dead letter")
-    pur.add_argument("--yes", action="store_true", help="confirm")
+    pur = dsub.add_parser("purge", help="delete every dead letter",
+                          description="Delete every message in the DLQ for good (SQS PurgeQueue; takes up to 60 s "
+                          "on AWS). Refuses without --yes.")
+    pur.add_argument("--yes", action="store_true", help="confirm that the dead letters may be lost")
     dlq.set_defaults(fn=cmd_dlq)
     return p
 

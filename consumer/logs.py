@@ -79,5 +79,6 @@ def setup_logging(
         root.addHandler(handler)
     root.setLevel(level)
     # boto and the HTTP stacks are chatty at INFO/DEBUG and may echo request details.
-    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpx2", "openai", "s3transfer", "werkzeug"):
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpx2", "openai", "s3transfer", "werkzeug",
+                  "faster_whisper"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -64,11 +64,11 @@ class AwsStack:
         return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
     def dlq_messages(self) -> list[dict[str, Any]]:
-        """Every DLQ message (received with a short visibility, so they stay for later looks)."""
+        """Every DLQ message, received with visibility 0 so they stay visible for the code under test."""
         out: dict[str, dict[str, Any]] = {}
         for _ in range(20):
             resp = self.sqs.receive_message(QueueUrl=self.dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
-                                            VisibilityTimeout=2, MessageAttributeNames=["All"])
+                                            VisibilityTimeout=0, MessageAttributeNames=["All"])
             batch = resp.get("Messages", [])
             if not batch or all(m["MessageId"] in out for m in batch):
                 break

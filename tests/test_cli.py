@@ -1,0 +1,97 @@
+"""The command line as an operator uses it: help, schema, enqueue, check, dlq tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from consumer.dlq import DLQ_ATTRIBUTES
+from tests.conftest import SECRET, SPEECH, send_job
+from tests.stack import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def sidecar(*args: str, env: dict[str, str] | None = None, cwd=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "consumer", *args], capture_output=True, text=True, timeout=90,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+@pytest.mark.parametrize("args", [(), ("run",), ("dev",), ("check",), ("enqueue",), ("schema",), ("dlq",),
+                                  ("dlq", "redrive"), ("dlq", "purge")])
+def test_every_command_has_help(args):
+    out = sidecar(*args, "--help")
+    assert out.returncode == 0 and "usage: sidecar" in out.stdout and len(out.stdout) > 150
+
+
+def test_schema_commands_print_json_schema():
+    job = json.loads(sidecar("schema", "job").stdout)
+    assert job["required"] == ["job_id", "s3_key"]
+    assert job["properties"]["job_id"]["pattern"]
+    callback = json.loads(sidecar("schema", "callback").stdout)
+    assert {"server_token", "job_id", "status"} <= set(callback["required"])
+
+
+def test_enqueue_uploads_signs_and_sends(aws, env, tmp_path):
+    out = sidecar("enqueue", str(SPEECH), "--job-id", "cli-1", "--metadata", '{"post_id": 3}', env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    sent = json.loads(out.stdout)
+    assert sent["job_id"] == "cli-1" and sent["s3_key"].endswith(".wav")
+    assert aws.s3.get_object(Bucket=aws.bucket, Key=sent["s3_key"])["Body"].read() == SPEECH.read_bytes()
+    [m] = aws.sqs.receive_message(QueueUrl=aws.queue_url, MessageAttributeNames=["All"])["Messages"]
+    from consumer.signing import verify
+
+    verify(m["Body"], m["MessageAttributes"]["signature"]["StringValue"], [SECRET])
+    assert json.loads(m["Body"])["metadata"] == {"post_id": 3}
+
+
+def test_enqueue_rejects_bad_metadata_without_a_traceback(env, tmp_path):
+    out = sidecar("enqueue", "audio/x.wav", "--metadata", "{nope", env=env, cwd=tmp_path)
+    assert out.returncode == 2 and "--metadata" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_check_passes_against_the_local_stack(env, tmp_path):
+    out = sidecar("check", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 5 and all(line.startswith("[ ok ]") for line in lines)
+    for secret in (env["OPENAI_API_KEY"], env["WP_SERVER_TOKEN"], env["SIDE_CAR_SECRET"]):
+        assert secret not in out.stdout + out.stderr
+
+
+def test_check_fails_with_a_mark_per_failure(env, tmp_path):
+    out = sidecar("check", env={**env, "WP_SIDE_CAR_CALLBACK": "http://127.0.0.1:9/cb", "S3_BUCKET": "nope-bucket"},
+                  cwd=tmp_path)
+    assert out.returncode == 1
+    fails = [line for line in out.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert any("S3 bucket" in f for f in fails) and any("callback" in f for f in fails)
+
+
+def test_dlq_ls_redrive_purge(aws, env, tmp_path, run_daemon, wordpress):
+    for i in range(3):
+        send_job(aws, f"dead-{i}", "audio/missing.wav")
+    rd = run_daemon()
+    wait_for(lambda: len(aws.dlq_messages()) == 3, timeout=60, what="three dead letters")
+    rd.stop()
+    out = sidecar("dlq", "ls", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.strip().splitlines()[1:]
+    assert sorted(r.split("\t")[0] for r in rows) == ["dead-0", "dead-1", "dead-2"]
+    assert all(r.split("\t")[1] == "audio_not_found" for r in rows)
+
+    out = sidecar("dlq", "redrive", "--job-id", "dead-1", env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "redrove 1" in out.stderr
+    wait_for(lambda: aws.counts() == (1, 0), timeout=10, what="redriven message in the source queue")
+    [m] = aws.sqs.receive_message(QueueUrl=aws.queue_url, MessageAttributeNames=["All"])["Messages"]
+    assert json.loads(m["Body"])["job_id"] == "dead-1"
+    assert "signature" in m["MessageAttributes"] and not set(DLQ_ATTRIBUTES) & set(m["MessageAttributes"])
+
+    assert sidecar("dlq", "redrive", env=env, cwd=tmp_path).returncode == 2
+    assert sidecar("dlq", "purge", env=env, cwd=tmp_path).returncode == 2
+    out = sidecar("dlq", "purge", "--yes", env=env, cwd=tmp_path)
+    assert out.returncode == 0
+    wait_for(lambda: aws.counts(aws.dlq_url) == (0, 0), timeout=10, what="purged")
