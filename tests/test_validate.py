@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -85,10 +86,8 @@ def test_bad_or_missing_signature_carries_no_job_id():
                  max_leaves=20).map(json.dumps),
 ))
 def test_parser_raises_only_invalid_message_error(body):
-    try:
+    with contextlib.suppress(InvalidMessageError):
         parse_job(msg(body), SETTINGS)
-    except InvalidMessageError:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
