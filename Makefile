@@ -40,8 +40,8 @@ bench: $(STAMP) model  ## benchmarks; writes bench/results/
 release:  ## tag the next prod-YYYY-MM-DD-N and push it
 	bash scripts/release.sh
 
-deploy:  ## on the host: deploy TAG=prod-YYYY-MM-DD-N to the prod instance
-	bash scripts/deploy.sh $(TAG)
+deploy:  ## on the host: deploy TAG=prod-YYYY-MM-DD-N [ARGS=--yes] to the prod instance
+	bash scripts/deploy.sh $(TAG) $(ARGS)
 
 rollback:  ## on the host: redeploy the previous prod tag
 	bash scripts/rollback.sh

@@ -129,12 +129,12 @@ def run_daemon(make_settings: Callable[..., Settings], aws: AwsStack) -> Iterato
     """Start the daemon in a thread of this process (with real clients); stopped at teardown."""
     running: list[RunningDaemon] = []
 
-    def start(*, serve: bool = False, drain: bool = False, **overrides: Any) -> RunningDaemon:
+    def start(*, serve: bool = False, drain: bool = False, transcriber: Any = None, **overrides: Any) -> RunningDaemon:
         settings = make_settings(**overrides)
         from consumer.aws import make_clients
 
         sqs, s3 = make_clients(settings)
-        daemon = build_daemon(settings, sqs=sqs, s3=s3)
+        daemon = build_daemon(settings, sqs=sqs, s3=s3, transcriber=transcriber)
         if serve:
             daemon.serve(host="127.0.0.1", port=0)
         rd = RunningDaemon(daemon, threading.Thread(target=lambda: rd.result.append(daemon.run(drain=drain)),

@@ -1,0 +1,106 @@
+"""The whole pipeline on real browser recordings: what is sent upstream, and what WordPress hears."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import av
+import numpy as np
+import openai
+import pytest
+
+from consumer.transcribe import OpenAITranscriber
+from tests.conftest import send_job, upload
+from tests.stack import wait_for
+from tests.stack.openai_stub import audio_duration
+
+AUDIO = Path(__file__).resolve().parent / "fixtures" / "audio"
+
+# fixture -> (callback status, filename sent upstream or None when no request, error code)
+CASES = {
+    "chrome.webm": ("completed", ".webm", None),
+    "safari.mp4": ("completed", ".m4a", None),
+    "speech.ogg": ("completed", ".ogg", None),
+    "speech.mp3": ("completed", ".mp3", None),
+    "speech.wav": ("completed", ".wav", None),
+    "speech.flac": ("completed", ".flac", None),
+    "mislabeled.wav": ("completed", ".mp3", None),
+    "video.mp4": ("completed", ".ogg", None),
+    "silence.webm": ("completed", None, None),
+    "garbled.webm": ("failed", None, "unsupported_audio"),
+    "truncated.m4a": ("failed", None, "unsupported_audio"),
+    "empty.webm": ("failed", None, "unsupported_audio"),
+    "video_only.mp4": ("failed", None, "unsupported_audio"),
+}
+
+
+@pytest.mark.timeout(120)
+def test_browser_recordings_end_to_end(run_daemon, aws, openai_stub, wordpress):
+    for name in CASES:
+        upload(aws, f"audio/{name}", AUDIO / name)
+        send_job(aws, f"fx-{name.replace('.', '-')}", f"audio/{name}")
+    run_daemon(concurrency=4)
+    wait_for(lambda: all(wordpress.terminal(f"fx-{n.replace('.', '-')}") for n in CASES), timeout=90,
+             what="a callback per fixture")
+    sent = openai_stub.requests
+    for name, (status, suffix, code) in CASES.items():
+        [body] = wordpress.terminal(f"fx-{name.replace('.', '-')}")
+        assert body["status"] == status, (name, body)
+        if code:
+            assert body["error"]["code"] == code, (name, body["error"])
+            assert body["error"]["message"]
+        if name == "silence.webm":
+            assert body["transcript"] == {"text": "", "duration_seconds": pytest.approx(3.0, abs=0.2),
+                                          "segments": [], "no_speech": True}
+    # One upstream request per transcribed fixture, each named with the extension of its real format.
+    expected = sorted(s for s, _, _ in (v[1:] + (None,) for v in CASES.values()) if s)
+    assert sorted(Path(r.filename).suffix for r in sent) == expected
+    # The video's audio track went up as Ogg/Opus, not the video file itself.
+    [transcoded] = [r for r in sent if r.filename.endswith(".ogg") and r.data[:4] == b"OggS"
+                    and r.data != (AUDIO / "speech.ogg").read_bytes()]
+    assert len(transcoded.data) < (AUDIO / "video.mp4").stat().st_size
+
+
+def _long_recording(path: Path, seconds: int) -> None:
+    """Tones with a pause every 7 s, encoded as Opus in WebM like a browser would."""
+    rate = 48000
+    with av.open(str(path), "w", format="webm") as out:
+        stream = out.add_stream("libopus", rate=rate)
+        stream.layout = "mono"
+        t = 0
+        for second in range(seconds):
+            samples = np.arange(rate) / rate
+            tone = (0.3 * np.sin(2 * np.pi * 220 * (samples + second))).astype(np.float32)
+            if second % 7 == 6:
+                tone[:] = 0.0
+            for start in range(0, rate, 960):
+                frame = av.AudioFrame.from_ndarray(tone[None, start:start + 960], format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = rate, t
+                t += 960
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+@pytest.mark.timeout(120)
+def test_long_recording_is_split_and_stitched(run_daemon, aws, openai_stub, wordpress, tmp_path):
+    path = tmp_path / "long.webm"
+    _long_recording(path, 75)
+    upload(aws, "audio/long.webm", path)
+    send_job(aws, "long-1", "audio/long.webm")
+    client = openai.OpenAI(api_key="sk-test", base_url=openai_stub.base_url, max_retries=0)
+    backend = OpenAITranscriber(client, model="gpt-transcribe")
+    backend.limits = dataclasses.replace(backend.limits, max_seconds=30.0)
+    run_daemon(transcriber=backend, transcribe_parallelism=3)
+    [body] = wait_for(lambda: wordpress.terminal("long-1"), timeout=90, what="long job callback")
+    assert body["status"] == "completed"
+    requests = openai_stub.requests
+    assert len(requests) >= 3  # 75 s in parts of at most 30 s
+    assert all(r.filename.endswith(".ogg") and 0 < audio_duration(r.data) <= 30.0 for r in requests)
+    segments = body["transcript"]["segments"]
+    starts = [s["start"] for s in segments]
+    assert starts == sorted(starts) and len(segments) == 2 * len(requests)
+    assert segments[-1]["end"] <= body["transcript"]["duration_seconds"] + 0.05
+    assert body["transcript"]["duration_seconds"] == pytest.approx(75, abs=0.5)
