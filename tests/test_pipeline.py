@@ -44,7 +44,7 @@ def test_browser_recordings_end_to_end(run_daemon, aws, openai_stub, wordpress):
     wait_for(lambda: all(wordpress.terminal(f"fx-{n.replace('.', '-')}") for n in CASES), timeout=90,
              what="a callback per fixture")
     sent = openai_stub.requests
-    for name, (status, suffix, code) in CASES.items():
+    for name, (status, _suffix, code) in CASES.items():
         [body] = wordpress.terminal(f"fx-{name.replace('.', '-')}")
         assert body["status"] == status, (name, body)
         if code:
@@ -54,7 +54,7 @@ def test_browser_recordings_end_to_end(run_daemon, aws, openai_stub, wordpress):
             assert body["transcript"] == {"text": "", "duration_seconds": pytest.approx(3.0, abs=0.2),
                                           "segments": [], "no_speech": True}
     # One upstream request per transcribed fixture, each named with the extension of its real format.
-    expected = sorted(s for s, _, _ in (v[1:] + (None,) for v in CASES.values()) if s)
+    expected = sorted(suffix for _, suffix, _ in CASES.values() if suffix)
     assert sorted(Path(r.filename).suffix for r in sent) == expected
     # The video's audio track went up as Ogg/Opus, not the video file itself.
     [transcoded] = [r for r in sent if r.filename.endswith(".ogg") and r.data[:4] == b"OggS"
