@@ -46,14 +46,14 @@ class Settings(BaseSettings):
     )
 
     # --- where it runs
-    environment: Literal["dev", "prod", "test"] = Field("dev", description="ENVIRONMENT: dev, prod or test.")
+    environment: Literal["dev", "prod", "test"] = Field("dev", description="dev, prod or test; prod requires signing.")
 
     # --- AWS (boto3 also reads its own variables and profiles; these exist so .env files work too)
     aws_region: str = Field("us-east-1", description="AWS region of the queue and the bucket.")
     aws_endpoint_url: str | None = Field(None, description="Endpoint for local stacks (moto, LocalStack).")
-    aws_access_key_id: SecretStr | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_session_token: SecretStr | None = None
+    aws_access_key_id: SecretStr | None = Field(None, description="Only for .env use; else boto3's own chain.")
+    aws_secret_access_key: SecretStr | None = Field(None, description="Pairs with AWS_ACCESS_KEY_ID.")
+    aws_session_token: SecretStr | None = Field(None, description="For temporary credentials.")
 
     # --- queue
     sqs_queue_url: str | None = Field(None, description="URL of the job queue (required to run).")
@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     transcriber: Literal["openai", "local"] | None = Field(
         None, description="openai or local; default openai when an OpenAI key or base URL is set."
     )
-    openai_api_key: SecretStr | None = None
+    openai_api_key: SecretStr | None = Field(None, description="OpenAI API key.")
     openai_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the SDK's own name).")
     transcribe_model: str = Field("gpt-transcribe", description="OpenAI transcription model.")
     openai_max_retries: int = Field(
@@ -93,28 +93,28 @@ class Settings(BaseSettings):
     transcribe_timeout: float = Field(600, gt=0, description="Seconds one transcription request may take.")
     transcribe_parallelism: int = Field(4, ge=1, le=16, description="Chunks of one recording sent at once.")
     whisper_model: str = Field("base", description="faster-whisper model name or CTranslate2 directory.")
-    whisper_device: Literal["auto", "cpu", "cuda"] = "auto"
+    whisper_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the local model runs.")
     whisper_compute_type: str | None = Field(None, description="Default int8 on CPU, float16 on CUDA.")
 
     # --- signing (SIDE_CAR_SECRET may hold several comma-separated secrets: the first signs, any verifies)
-    side_car_secret: SecretStr | None = None
+    side_car_secret: SecretStr | None = Field(None, description="Job signing secrets, comma-separated.")
     require_signature: bool | None = Field(None, description="Default: true when SIDE_CAR_SECRET is set.")
     signature_max_age: int | None = Field(None, gt=0, description="Reject signatures older than this.")
 
     # --- WordPress callback
     wp_side_car_callback: str | None = Field(None, description="URL of .../salestrainer/v1/upload-complete.")
-    wp_server_token: SecretStr | None = None
-    send_x_server_token_header: bool = True
+    wp_server_token: SecretStr | None = Field(None, description="Sent in the callback body (server_token).")
+    send_x_server_token_header: bool = Field(True, description="Also send the token as X-Server-Token.")
     allow_insecure_callback: bool = Field(False, description="Permit http:// to a non-loopback host.")
     callback_timeout: float = Field(30, gt=0, description="Seconds for the callback (connect and read).")
 
     # --- observability
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /health.")
     metrics_port: int = Field(9002, ge=0, le=65535, description="Port of /metrics and /health (0: any).")
     health_stall_seconds: float = Field(90, gt=0, description="Poll-loop silence after which /health is 503.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
-    log_file: Path | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Log threshold.")
+    log_format: Literal["json", "text"] = Field("json", description="json (one object a line) or text.")
+    log_file: Path | None = Field(None, description="Also append logs here (the old sidecar.log).")
 
     @model_validator(mode="before")
     @classmethod
