@@ -7,9 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pydantic_core import PydanticUndefined  # noqa: E402
+from pydantic_core import PydanticUndefined
 
-from consumer.settings import Settings  # noqa: E402
+from consumer.settings import Settings
 
 SECRET_NOTE = "secret; never logged"
 
@@ -20,10 +20,8 @@ def table() -> str:
         default = field.default
         if field.default_factory is not None:
             default = field.default_factory()  # type: ignore[call-arg]
-        if default is PydanticUndefined or default is None or default == []:
-            shown = "—"
-        else:
-            shown = f"`{default}`"
+        unset = default is PydanticUndefined or default is None or default == []
+        shown = "—" if unset else f"`{default}`"
         meaning = field.description or ""
         if "SecretStr" in str(field.annotation):
             meaning = f"{meaning} ({SECRET_NOTE})" if meaning else SECRET_NOTE.capitalize()
