@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -55,7 +56,8 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(
-    *, level: str = "INFO", fmt: str = "json", log_file: Path | None = None, secrets: Iterable[str] = ()
+    *, level: str = "INFO", fmt: str = "json", log_file: Path | None = None, secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
 ) -> None:
     """Configure the root logger: stderr (the journal under systemd) and optionally LOG_FILE."""
     if fmt == "json":
@@ -67,7 +69,7 @@ def setup_logging(
     else:
         inner = TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     formatter = RedactingFormatter(inner, list(secrets))
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
     if log_file:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
