@@ -1,5 +1,6 @@
 """deploy/cloudformation.yaml: cfn-lint is clean, and the stack created in moto has the queues with their
-redrive policy, retention and encryption, least-privilege policies, and outputs that resolve."""
+redrive policy, retention and encryption, least-privilege policies, and outputs that resolve; the daemon run
+as a process against the queues a stack made in the moto server completes a job and dead-letters a bad one."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from moto import mock_aws
+
+from tests.conftest import DaemonProcess, send_job, upload
+from tests.stack import wait_for
+from tests.stack.aws import AwsStack, MotoServer
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "cloudformation.yaml"
 REGION = "us-east-1"
@@ -35,7 +41,9 @@ def test_cfn_lint_is_clean() -> None:
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def in_process_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """In-process moto (mock_aws). Not named `aws`: that would shadow conftest's moto-server `aws`, which
+    `env` and `spawn_daemon` are built on."""
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -84,7 +92,7 @@ def grants(statements: list[dict[str, Any]]) -> set[tuple[str, str]]:
     return out
 
 
-def test_stack_creates_queues_with_redrive_and_retention(aws: None) -> None:
+def test_stack_creates_queues_with_redrive_and_retention(in_process_aws: None) -> None:
     out = create_stack("salestrainer-prod")
     assert {"QueueUrl", "DlqUrl", "QueueArn", "DlqArn", "SidecarPolicyArn", "WordPressPolicyArn"} <= set(out)
     assert out["QueueUrl"].endswith("/salestrainer-prod-jobs")
@@ -102,7 +110,7 @@ def test_stack_creates_queues_with_redrive_and_retention(aws: None) -> None:
     assert main["SqsManagedSseEnabled"] == dlq["SqsManagedSseEnabled"] == "true"
 
 
-def test_parameters_reach_the_queues(aws: None) -> None:
+def test_parameters_reach_the_queues(in_process_aws: None) -> None:
     out = create_stack("salestrainer-dev", Environment="dev", VisibilityTimeout="300", MaxReceiveCount="3")
     assert out["QueueUrl"].endswith("/salestrainer-dev-jobs")
     main = queue_attributes(out["QueueUrl"])
@@ -110,7 +118,7 @@ def test_parameters_reach_the_queues(aws: None) -> None:
     assert int(json.loads(main["RedrivePolicy"])["maxReceiveCount"]) == 3
 
 
-def test_outputs_resolve_to_working_queues(aws: None) -> None:
+def test_outputs_resolve_to_working_queues(in_process_aws: None) -> None:
     out = create_stack("salestrainer-prod")
     sqs = boto3.client("sqs", region_name=REGION)
     sqs.send_message(QueueUrl=out["QueueUrl"], MessageBody="{}")
@@ -121,7 +129,7 @@ def test_outputs_resolve_to_working_queues(aws: None) -> None:
     assert sqs.get_queue_url(QueueName=dlq_name)["QueueUrl"] == out["DlqUrl"]
 
 
-def test_policies_are_least_privilege(aws: None) -> None:
+def test_policies_are_least_privilege(in_process_aws: None) -> None:
     out = create_stack("salestrainer-prod", AudioPrefix="audio/", ResultsPrefix="transcripts/")
     queue, dlq = out["QueueArn"], out["DlqArn"]
     audio = f"arn:aws:s3:::{BUCKET}/audio/*"
@@ -149,3 +157,46 @@ def test_policies_are_least_privilege(aws: None) -> None:
     for action, resource in sidecar | wordpress:
         assert "*" not in action
         assert resource.endswith("/*") or "*" not in resource
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_daemon_runs_against_the_stack_queues(moto_server: MotoServer, spawn_daemon: Callable[..., DaemonProcess],
+                                              wordpress: Any) -> None:
+    # moto in server mode (shared with the other e2e tests), so no mock_aws here: it patches botocore
+    # for the whole process while active. Unique names keep this stack apart from other tests' queues.
+    tag = uuid.uuid4().hex[:8]
+    bucket = f"recordings-{tag}"
+    moto_server.client("s3").create_bucket(Bucket=bucket)
+    cfn = moto_server.client("cloudformation")
+    params = {"BucketName": bucket, "NamePrefix": f"cfn-{tag}", "Environment": "dev", "VisibilityTimeout": "30"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*AWS::SQS::QueuePolicy.*")
+        cfn.create_stack(StackName=f"sidecar-{tag}", TemplateBody=TEMPLATE.read_text(),
+                         Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()])
+    stack = cfn.describe_stacks(StackName=f"sidecar-{tag}")["Stacks"][0]
+    assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
+    out = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+    made = AwsStack(moto_server, out["QueueUrl"], out["DlqUrl"], bucket, moto_server.client("sqs"),
+                    moto_server.client("s3"))
+
+    upload(made, "audio/good.wav")
+    send_job(made, "cfn-good", "audio/good.wav")
+    send_job(made, "cfn-missing", "audio/missing.wav")
+    daemon = spawn_daemon({"SQS_QUEUE_URL": out["QueueUrl"], "SQS_DLQ_URL": "", "S3_BUCKET": bucket})
+    daemon.wait_ready()
+
+    wait_for(lambda: wordpress.terminal("cfn-good") and wordpress.terminal("cfn-missing"), timeout=60,
+             what="a terminal callback for both jobs")
+    [good] = wordpress.terminal("cfn-good")
+    assert good["status"] == "completed"
+    [failed] = wordpress.terminal("cfn-missing")
+    assert failed["status"] == "failed" and failed["error"]["code"] == "audio_not_found"
+
+    # The daemon found the stack's DLQ from the RedrivePolicy and dead-lettered the bad job there.
+    [dead] = wait_for(made.dlq_messages, timeout=30, what="the dead letter in the stack's DLQ")
+    attrs = {k: v["StringValue"] for k, v in dead["MessageAttributes"].items()}
+    assert attrs["error_code"] == "audio_not_found"
+    assert json.loads(dead["Body"])["job_id"] == "cfn-missing"
+    wait_for(lambda: made.counts() == (0, 0), timeout=30, what="the stack's job queue empty")
+    assert not daemon.events("no_dead_letter_queue_configured")
