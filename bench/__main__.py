@@ -1,0 +1,104 @@
+"""`python -m bench`: run the benchmarks on the local stack and write bench/results/latest.{json,md,png}.
+
+Benchmarks print and save figures; they assert nothing (a missed target is reported, not raised).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import audio_prep, latency, memory, report, sqs_requests, throughput
+from bench.common import Bench
+from bench.stack import ROOT
+
+BENCHMARKS: dict[str, tuple[Callable[[Bench], dict[str, Any]], str]] = {
+    "concurrency": (throughput.concurrency, "1. jobs/s at CONCURRENCY 1, 4, 16, 32 with 1 s transcriptions"),
+    "sqs_requests": (sqs_requests.run, "2. SQS requests per job (trickle, backlog) and per idle minute"),
+    "cpu": (throughput.cpu, "3. daemon CPU per job with a zero-latency transcriber"),
+    "latency": (latency.run, "4. enqueue-to-callback overhead, one at a time and at 80 % load"),
+    "memory": (memory.run, "5. daemon peak RSS on 10, 100 and 500 MB recordings"),
+    "audio_speed": (audio_prep.speed, "6. audio prepared per CPU second, against the ffmpeg CLI"),
+    "long_recording": (audio_prep.long_recording, "7. a 60-min recording's chunks in parallel vs in sequence"),
+}
+RESULTS = ROOT / "bench" / "results"
+
+
+def parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<15} {text}" for name, (_, text) in BENCHMARKS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmarks of the sidecar daemon on a local stack: moto (SQS+S3) in its own process, an "
+                    "OpenAI stand-in with a configurable latency, and a callback receiver. Each daemon runs as "
+                    "a `python -m consumer run` subprocess. Writes bench/results/latest.json, latest.md and "
+                    "latest.png; with --only, the other benchmarks' previous figures are kept.",
+        epilog=f"benchmarks:\n{listing}\n\nThe whole run takes about 12 minutes on 2 cores (--quick: about 5).")
+    p.add_argument("--only", action="append", choices=list(BENCHMARKS), metavar="NAME",
+                   help="run only this benchmark (repeatable); names below")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer jobs, shorter windows, smaller recordings (a smoke run; figures are noisier)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: bench/results)")
+    return p
+
+
+def _meta() -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout.strip()
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
+                       f"Python {platform.python_version()}",
+            "commit": commit or "?", "finished": _now()}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    names = [n for n in BENCHMARKS if not args.only or n in args.only]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = report.load(args.out / "latest.json")
+    failed = 0
+    with Bench.open(quick=args.quick) as b:
+        b.say(f"local stack up: moto {b.moto.endpoint}, OpenAI stand-in {b.openai.base_url}; "
+              f"running {', '.join(names)}{' (quick)' if args.quick else ''}")
+        for name in names:
+            fn, text = BENCHMARKS[name]
+            b.say(f"== {text}")
+            started = time.monotonic()
+            try:
+                entry = fn(b)
+            except Exception as exc:  # noqa: BLE001 - one failed benchmark must not lose the others' figures
+                traceback.print_exc()
+                entry = {"title": name, "error": f"{type(exc).__name__}: {exc}", "figures": []}
+                failed += 1
+            entry.update(elapsed_s=round(time.monotonic() - started, 1), finished=_now(), quick=args.quick)
+            results["benchmarks"][name] = entry
+            for f in entry["figures"]:
+                mark = {True: "met", False: "MISSED", None: ""}[f["met"]]
+                b.say(f"   {f['label']}: {report.fmt(f['value'], f['unit'])} {f['unit']}"
+                      f"{'  target ' + f['target'] if f['target'] else ''} {mark}")
+            _write(results, args.out)  # after each benchmark: an interrupted run keeps what it measured
+        b.say(f"done; results in {args.out}")
+    return 1 if failed else 0
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    results["meta"] = _meta()
+    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.write_markdown(results, out / "latest.md")
+    report.write_chart(results, out / "latest.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Writes bench/results/latest.json, latest.md (the figures against their targets) and latest.png (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # the backend must be chosen before pyplot is imported
+
+ORDER = ("concurrency", "sqs_requests", "cpu", "latency", "memory", "audio_speed", "long_recording")
+
+
+def load(path: Path) -> dict[str, Any]:
+    if path.exists():
+        try:
+            return dict(json.loads(path.read_text()))
+        except ValueError:
+            pass
+    return {"meta": {}, "benchmarks": {}}
+
+
+def fmt(value: Any, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and unit == "$":
+        return f"${value:.2g}" if value < 0.01 else f"${value:.2f}"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    meta = results["meta"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {meta.get('machine', '?')}; commit `{meta.get('commit', '?')}`.",
+        "Produced by `make bench` (`.venv/bin/python -m bench`); see bench/README.md for what each figure means.",
+        "",
+        "| # | benchmark | figure | measured | target | met | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for number, name in enumerate(ORDER, 1):
+        bench = results["benchmarks"].get(name)
+        if not bench:
+            continue
+        when = f"{bench.get('finished', '?')}{' (quick)' if bench.get('quick') else ''}"
+        if bench.get("error"):
+            lines.append(f"| {number} | {name} | error: {bench['error']} | | | | {when} |")
+            continue
+        for f in bench["figures"]:
+            met = {True: "yes", False: "**no**", None: ""}[f["met"]]
+            unit = "" if f["unit"] in ("", "$") else f" {f['unit']}"
+            lines.append(f"| {number} | {bench['title']} | {f['label']} | {fmt(f['value'], f['unit'])}{unit} | "
+                         f"{f['target']} | {met} | {when} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(results: dict[str, Any], path: Path) -> None:
+    benches = results["benchmarks"]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9))
+    panels = [_concurrency, _sqs, _cpu, _latency, _memory, _audio, _long]
+    for ax, (name, draw) in zip(axes.flat, zip(ORDER, panels, strict=True), strict=False):
+        bench = benches.get(name)
+        if bench and not bench.get("error"):
+            draw(ax, bench)
+        else:
+            ax.set_title(f"{name}: not run")
+            ax.axis("off")
+    info = axes.flat[-1]
+    info.axis("off")
+    meta = results["meta"]
+    info.text(0, 0.9, "salestrainer-sidecar benchmarks", fontsize=13, weight="bold")
+    info.text(0, 0.75, f"{meta.get('machine', '')}\ncommit {meta.get('commit', '')}\n{meta.get('finished', '')}",
+              fontsize=9, va="top")
+    info.text(0, 0.35, "dashed red: the target\nsee bench/README.md", fontsize=9, va="top")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _concurrency(ax: Any, b: dict[str, Any]) -> None:
+    rows = b["rows"]
+    xs = [str(r["concurrency"]) for r in rows]
+    ax.bar(xs, [r["ideal_jobs_per_s"] for r in rows], color="#ddd", label="ideal (C / latency)")
+    ax.bar(xs, [r["jobs_per_s"] for r in rows], color="#4477aa", width=0.5, label="measured")
+    for i, r in enumerate(rows):
+        ax.text(i, r["jobs_per_s"], f"{r['efficiency']:.2f}", ha="center", va="bottom", fontsize=9)
+    ax.set(title="1. jobs/s vs CONCURRENCY (1 s latency)\nlabels: efficiency, target >= 0.9 at 16",
+           xlabel="CONCURRENCY", ylabel="jobs/s")
+    ax.legend(fontsize=8)
+
+
+def _sqs(ax: Any, b: dict[str, Any]) -> None:
+    ops = sorted({op for k in ("trickle", "backlog") for op in b[k]["by_operation_per_job"]})
+    bottom = [0.0, 0.0]
+    for op in ops:
+        values = [b[k]["by_operation_per_job"].get(op, 0.0) for k in ("trickle", "backlog")]
+        ax.bar(["trickle", "backlog"], values, bottom=bottom, label=op)
+        bottom = [x + y for x, y in zip(bottom, values, strict=True)]
+    idle = b["idle"]
+    ax.set(title=f"2. SQS requests per job, by operation\nidle: {idle['receive_per_min']} receives/min + "
+                 f"{idle['depth_polls_per_min']} depth polls/min", ylabel="requests / job")
+    ax.legend(fontsize=7)
+
+
+def _cpu(ax: Any, b: dict[str, Any]) -> None:
+    by = b["data"]["cpu_ms_per_job_by_process"]
+    ax.bar(list(by), list(by.values()), color=["#4477aa", "#aaaaaa", "#cccccc"][: len(by)])
+    ax.axhline(5.0, color="red", linestyle="--")
+    ax.set(title="3. CPU per job, zero-latency transcriber\n(target: daemon <= 5 ms)", ylabel="ms CPU / job")
+
+
+def _latency(ax: Any, b: dict[str, Any]) -> None:
+    for name, color in (("single", "#4477aa"), ("load", "#ee6677")):
+        values = sorted(b["samples_ms"][name])
+        if values:
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], color=color,
+                    label=f"{'one at a time' if name == 'single' else '80 % load'}: p50 {b[name]['p50_ms']} ms, "
+                          f"p99 {b[name]['p99_ms']} ms")
+    ax.axvline(50, color="red", linestyle="--")
+    ax.axvline(250, color="red", linestyle=":")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set(title="4. latency overhead (enqueue -> callback - stub)\ntargets one at a time: p50 50, p99 250 ms",
+           xlabel="ms", ylabel="fraction of jobs")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _memory(ax: Any, b: dict[str, Any]) -> None:
+    rows = b["rows"]
+    ax.bar([f"{r['megabytes']} MB\n{r['audio_min']} min" for r in rows], [r["peak_rss_mb"] for r in rows],
+           color="#4477aa")
+    ax.axhline(250, color="red", linestyle="--")
+    ax.set(title="5. daemon peak RSS (VmHWM) per recording", ylabel="MB")
+
+
+def _audio(ax: Any, b: dict[str, Any]) -> None:
+    names, values = ["prepare (PyAV)"], [b["prepare_audio_s_per_cpu_s"]]
+    for key, label in (("ffmpeg", "ffmpeg CLI"), ("ffmpeg_matched", "ffmpeg, same\nOpus options")):
+        if key in b:
+            names.append(label)
+            values.append(b[key]["audio_s_per_cpu_s"])
+    ax.bar(names, values, color=["#4477aa", "#aaaaaa", "#cccccc"][: len(names)])
+    ax.set(title=f"6. audio seconds prepared per CPU second\n({b['audio_s'] / 60:.0f} min WAV -> Ogg/Opus)",
+           ylabel="x realtime")
+
+
+def _long(ax: Any, b: dict[str, Any]) -> None:
+    walls = b["transcribe_wall_s"]
+    prep = b["prepare_wall_s"]
+    labels = ["sequential (=1)", "parallel (=4)"]
+    ax.bar(labels, [prep, prep], color="#aaaaaa", label="prepare")
+    ax.bar(labels, [walls["1"], walls["4"]], bottom=[prep, prep], color="#4477aa", label="transcribe")
+    ax.set(title=f"7. {b['config']['audio_s'] / 60:.0f} min recording, {b['config']['parts']} chunks, "
+                 f"{b['config']['per_request_latency_s']:g} s/request\nspeed-up {b['headline']}x",
+           ylabel="wall seconds")
+    ax.legend(fontsize=8)
