@@ -12,6 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = 32  # far beyond any real use; pydantic cannot serialise past 255 levels
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counting no further than limit + 1."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 class JobMessage(BaseModel):
@@ -35,7 +44,11 @@ class JobMessage(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+        if value is None:
+            return value
+        if _depth(value, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
         return value
 

@@ -4,14 +4,17 @@
         -> store (results.py) -> callback (deliver.py)
 
 Stages return values or raise ConsumerError; the pipeline never touches SQS and never decides what
-happens to a message (that is `worker.Worker.settle`). It records per-stage timings on the `Attempt`
-so the worker can observe them.
+happens to a message (that is `worker.Worker.settle`). Everything after validation runs under the job's
+lease (results.py), so two deliveries of one job never run at once, on any host. Per-stage timings are
+recorded on the `Attempt` so the worker can observe them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-import threading
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +26,7 @@ from consumer import audio, fetch
 from consumer.deliver import Deliverer
 from consumer.errors import ConsumerError, InvalidMessageError, RetryableError
 from consumer.models import CallbackPayload, ErrorInfo, JobMessage, Timings, Transcript
-from consumer.results import ResultStore, StoredResult
+from consumer.results import Lease, ResultStore, StoredResult
 from consumer.transcribe import AudioPart, Transcriber, transcribe_parts
 from consumer.validate import parse_job
 
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from consumer.settings import Settings
     from consumer.sqs import Message
 
+HOST = socket.gethostname()
+
 
 @dataclass
 class Attempt:
@@ -41,7 +46,9 @@ class Attempt:
 
     message: Message
     started: float = field(default_factory=time.monotonic)
+    visible_until: float = 0.0  # wall-clock end of the message's invisibility; the lease expires with it
     job: JobMessage | None = None
+    lease: Lease | None = None
     stage: str = "validate"
     durations: dict[str, float] = field(default_factory=dict)
     outcome: Literal["completed", "duplicate"] | None = None
@@ -53,6 +60,11 @@ class Attempt:
     def job_id(self) -> str | None:
         return self.job.job_id if self.job else None
 
+    @property
+    def owner(self) -> str:
+        """Who holds the lease: this process and this delivery of the message."""
+        return f"{HOST}:{os.getpid()}:{self.message.message_id}:{self.message.receive_count}"
+
     def timings(self) -> Timings:
         ms = {k: int(v * 1000) for k, v in self.durations.items()}
         return Timings(
@@ -60,26 +72,6 @@ class Attempt:
             transcribe_ms=ms.get("prepare", 0) + ms.get("transcribe", 0),
             total_ms=int((time.monotonic() - self.started) * 1000),
         )
-
-
-class JobClaims:
-    """Job ids being processed in this process: a duplicate delivery waits instead of running twice."""
-
-    def __init__(self) -> None:
-        self._ids: set[str] = set()
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def hold(self, job_id: str) -> Iterator[None]:
-        with self._lock:
-            if job_id in self._ids:  # the normal backoff brings it back after the first copy settled
-                raise RetryableError(f"job {job_id} is already being processed", code="job_in_progress")
-            self._ids.add(job_id)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._ids.discard(job_id)
 
 
 class Pipeline:
@@ -94,7 +86,28 @@ class Pipeline:
         self.results = results
         self.gate = gate
         self.workdir = workdir
-        self.claims = JobClaims()
+
+    @contextmanager
+    def _leased(self, attempt: Attempt, job_id: str) -> Iterator[None]:
+        attempt.lease = self.results.acquire(job_id, attempt.owner, until=attempt.visible_until)
+        try:
+            yield
+        finally:
+            lease, attempt.lease = attempt.lease, None
+            if lease is not None:
+                with contextlib.suppress(ConsumerError):  # an unreleased lease simply expires
+                    self.results.release(lease)
+
+    def renew_lease(self, attempt: Attempt, *, until: float) -> bool:
+        """Extend a running job's lease with its message's visibility (called by the heartbeat)."""
+        lease = attempt.lease
+        if lease is None:
+            return True
+        try:
+            attempt.lease = self.results.renew(lease, until=until)
+        except ConsumerError:
+            return False
+        return True
 
     @contextmanager
     def _stage(self, attempt: Attempt, name: str) -> Iterator[None]:
@@ -109,7 +122,7 @@ class Pipeline:
         """Run every stage for one message; returns normally on success (incl. a duplicate)."""
         with self._stage(attempt, "validate"):
             job = attempt.job = parse_job(attempt.message, self.settings)
-        with self.claims.hold(job.job_id):
+        with self._leased(attempt, job.job_id):
             bucket = job.s3_bucket or self.settings.s3_bucket or ""
             with self._stage(attempt, "fetch"):
                 obj = fetch.head(self.s3, bucket, job.s3_key)

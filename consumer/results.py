@@ -3,6 +3,12 @@
 A stored transcript whose `audio_etag` matches the recording lets a redelivered job skip transcription
 (OpenAI is not paid twice); `delivered_at` marks a job WordPress has acknowledged, so a duplicate
 delivery is deleted without a second callback.
+
+While a job runs, `<RESULTS_PREFIX><job_id>.lease` says who runs it and until when (S3 conditional
+writes: If-None-Match to take a free lease, If-Match to take over an expired one). The worker renews it
+with every heartbeat, so a copy of the job delivered elsewhere (a duplicate message, or a message whose
+visibility could not be extended) waits instead of being transcribed twice. The expiry is wall-clock
+time: hosts need NTP, as they do for SQS and S3 request signing anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ValidationError
 
 from consumer.aws import translate_aws_error
+from consumer.errors import RetryableError
 from consumer.models import Transcript
 
 if TYPE_CHECKING:
@@ -23,6 +30,10 @@ if TYPE_CHECKING:
 RESULT_ERRORS: dict[str, tuple[bool, str]] = {
     "NoSuchKey": (False, "result_not_found"),
     "404": (False, "result_not_found"),
+    "PreconditionFailed": (True, "lease_taken"),
+    "412": (True, "lease_taken"),
+    "ConditionalRequestConflict": (True, "lease_taken"),  # a concurrent conditional write won
+    "409": (True, "lease_taken"),
     "AccessDenied": (True, "s3_unavailable"),  # the results prefix is ours: a denial is a config fix away
 }
 
@@ -37,6 +48,15 @@ class StoredResult(BaseModel):
     transcript: Transcript
     created_at: float
     delivered_at: float | None = None
+
+
+class Lease(BaseModel):
+    """Who is running a job, and until when (unix seconds)."""
+
+    job_id: str
+    owner: str
+    expires_at: float
+    etag: str = ""
 
 
 class ResultStore:
@@ -77,3 +97,67 @@ class ResultStore:
         done = result.model_copy(update={"delivered_at": time.time()})
         self.put(done)
         return done
+
+    # ------------------------------------------------------------------ leases
+
+    def lease_key(self, job_id: str) -> str:
+        return f"{self.prefix}{job_id}.lease"
+
+    def _write_lease(self, lease: Lease, **condition: str) -> Lease:
+        body = lease.model_dump_json(exclude={"etag"}).encode()
+        try:
+            resp = self.s3.put_object(Bucket=self.bucket, Key=self.lease_key(lease.job_id), Body=body,
+                                      ContentType="application/json", **condition)  # type: ignore[arg-type]
+        except (ClientError, BotoCoreError) as exc:
+            raise translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable", what="write lease") from exc
+        return lease.model_copy(update={"etag": str(resp["ETag"])})
+
+    def _read_lease(self, job_id: str) -> Lease | None:
+        try:
+            resp = self.s3.get_object(Bucket=self.bucket, Key=self.lease_key(job_id))
+            raw = resp["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            err = translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable", what="read lease")
+            if err.code == "result_not_found":
+                return None
+            raise err from exc
+        try:
+            return Lease.model_validate_json(raw).model_copy(update={"etag": str(resp["ETag"])})
+        except ValidationError:
+            return Lease(job_id=job_id, owner="?", expires_at=0, etag=str(resp["ETag"]))  # unreadable: expired
+
+    def acquire(self, job_id: str, owner: str, *, until: float) -> Lease:
+        """Take the job's lease, or raise RetryableError(job_in_progress) while someone else holds it."""
+        wanted = Lease(job_id=job_id, owner=owner, expires_at=until)
+        try:
+            return self._write_lease(wanted, IfNoneMatch="*")
+        except RetryableError as exc:
+            if exc.code != "lease_taken":
+                raise
+        current = self._read_lease(job_id)
+        now = time.time()
+        if current is None:  # released between our write and our read
+            return self._write_lease(wanted, IfNoneMatch="*")
+        if current.owner != owner and current.expires_at > now:
+            raise RetryableError(f"job {job_id} is running elsewhere ({current.owner})", code="job_in_progress",
+                                 delay=min(current.expires_at - now, 900) + 1)
+        try:
+            return self._write_lease(wanted, IfMatch=current.etag)  # expired (or our own): take it over
+        except RetryableError as exc:
+            if exc.code == "lease_taken":
+                raise RetryableError(f"job {job_id} was just taken over elsewhere", code="job_in_progress") from exc
+            raise
+
+    def renew(self, lease: Lease, *, until: float) -> Lease:
+        """Push the expiry on; raises RetryableError(lease_taken) if someone took the lease over."""
+        return self._write_lease(lease.model_copy(update={"expires_at": until}), IfMatch=lease.etag)
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease up (best effort: an unreleased lease simply expires)."""
+        current = self._read_lease(lease.job_id)
+        if current is not None and current.owner == lease.owner:
+            try:
+                self.s3.delete_object(Bucket=self.bucket, Key=self.lease_key(lease.job_id))
+            except (ClientError, BotoCoreError) as exc:
+                raise translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable",
+                                          what="release lease") from exc

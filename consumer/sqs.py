@@ -7,13 +7,16 @@ is reported through `on_request(operation)` so the worker can count them.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from consumer.aws import translate_aws_error
+from consumer.errors import ConsumerError, RetryableError
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -159,3 +162,47 @@ def queue_url_for_arn(client: SQSClient, arn: str) -> str:
         return client.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
     except (ClientError, BotoCoreError) as exc:
         raise translate_aws_error(exc, SQS_ERRORS, default_code="sqs_unavailable", what="GetQueueUrl") from exc
+
+
+class DeleteBatcher:
+    """Coalesces deletes that coincide into DeleteMessageBatch requests; each caller waits for its own.
+
+    Leader/follower rather than a timer: the first caller deletes at once (alone, a plain DeleteMessage),
+    and deletes that arrive while its request is in flight are sent together by the same caller right
+    after. A lone delete gains no latency; a busy pool makes up to ten times fewer requests.
+    """
+
+    def __init__(self, queue: SqsQueue) -> None:
+        self.queue = queue
+        self._pending: list[tuple[Message, Future[None]]] = []
+        self._lock = threading.Lock()
+        self._draining = False
+
+    def delete(self, message: Message) -> None:
+        done: Future[None] = Future()
+        with self._lock:
+            self._pending.append((message, done))
+            lead = not self._draining
+            self._draining = True
+        if lead:
+            self._drain()
+        done.result()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending[:10], self._pending[10:]
+                if not batch:
+                    self._draining = False
+                    return
+            try:
+                failed = {m.message_id for m in self.queue.delete_batch([m for m, _ in batch])}
+            except ConsumerError as exc:
+                for _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for message, done in batch:
+                if message.message_id in failed:
+                    done.set_exception(RetryableError("delete failed (receipt expired?)", code="receipt_expired"))
+                else:
+                    done.set_result(None)

@@ -49,13 +49,27 @@ def _key_problem(key: str, prefix: str | None) -> str | None:
     return None
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity cannot be echoed back to WordPress verbatim
+
+
 def _load_json(body: str) -> Any:
     try:
-        return json.loads(body)
+        data = json.loads(body, parse_constant=_no_constants)
     except RecursionError:  # deeply nested arrays exhaust the parser's stack
         raise InvalidMessageError("body is nested too deeply") from None
     except ValueError as exc:
         raise InvalidMessageError(f"body is not JSON: {exc.args[0][:120]}") from None
+    return data
+
+
+def _encodable(value: Any) -> bool:
+    """False when JSON escapes like \\ud800 parsed into lone surrogates, which UTF-8 cannot carry."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def parse_job(message: Message, settings: Settings) -> JobMessage:
@@ -73,6 +87,9 @@ def parse_job(message: Message, settings: Settings) -> JobMessage:
     if not isinstance(data, dict):
         raise InvalidMessageError(f"body must be a JSON object, not {type(data).__name__}")
     job_id, s3_key = _hint(data, "job_id"), _hint(data, "s3_key")
+    if not _encodable(data):
+        raise InvalidMessageError("body contains an unpaired UTF-16 surrogate escape", job_id=job_id,
+                                  s3_key=s3_key if _encodable(s3_key) else None)
     if "job_id" not in data and set(data) <= {"s3_key"}:
         data = {**data, "job_id": message.message_id}  # the old HTTP endpoint's body
         job_id = message.message_id

@@ -21,23 +21,28 @@ from queue import SimpleQueue
 from typing import Any
 
 from consumer import __version__
-from consumer.errors import ConsumerError, PermanentError, RetryableError
+from consumer.errors import ConsumerError, InvalidMessageError, PermanentError, RetryableError
 from consumer.metrics import Metrics
 from consumer.pipeline import Attempt, Pipeline
 from consumer.sdnotify import Notifier
 from consumer.settings import SQS_MAX_VISIBILITY, Settings
-from consumer.sqs import Message, SqsQueue
+from consumer.sqs import DeleteBatcher, Message, SqsQueue
 
 log = logging.getLogger("consumer.worker")
 RECEIVE_ERROR_BACKOFF = (1.0, 30.0)  # first and longest pause after a failed ReceiveMessage
+REJECTED_BODY_CHARS = 200  # enough to recognise a bad message in the log, not enough to flood it
 
 
 @dataclass
 class InFlight:
-    message: Message
+    attempt: Attempt
     received: float
     extended: float
     released: bool = False
+
+    @property
+    def message(self) -> Message:
+        return self.attempt.message
 
 
 class Worker:
@@ -49,6 +54,7 @@ class Worker:
                  rng: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.queue = queue
+        self.deleter = DeleteBatcher(queue)
         self.dlq = dlq
         self.max_receive_count = max_receive_count
         self.pipeline = pipeline
@@ -59,7 +65,7 @@ class Worker:
         self.rng = rng
         self._inflight: dict[str, InFlight] = {}
         self._cond = threading.Condition()
-        self._handoff: SimpleQueue[Message | None] = SimpleQueue()
+        self._handoff: SimpleQueue[Attempt | None] = SimpleQueue()
         self._done = threading.Event()  # housekeeping outlives `stop` until in-flight jobs are settled
         self._last_tick = clock()
         self._drained = False
@@ -176,18 +182,19 @@ class Worker:
         if self.stop.is_set():  # received during shutdown: give it straight back
             self.queue.change_visibility(message, 0)
             return
+        attempt = Attempt(message=message, visible_until=time.time() + self.settings.visibility_timeout)
         with self._cond:
-            self._inflight[message.message_id] = InFlight(message, received=now, extended=now)
+            self._inflight[message.message_id] = InFlight(attempt, received=now, extended=now)
         self.metrics.in_progress.inc()
         log.info("message_received", extra={"message_id": message.message_id,
                                             "receive_count": message.receive_count})
-        self._handoff.put(message)
+        self._handoff.put(attempt)
 
     # ------------------------------------------------------------------ workers
 
     def _work_loop(self) -> None:
-        while (message := self._handoff.get()) is not None:
-            attempt = Attempt(message=message)
+        while (attempt := self._handoff.get()) is not None:
+            message = attempt.message
             error: ConsumerError | None = None
             try:
                 self.pipeline.process(attempt)
@@ -207,7 +214,8 @@ class Worker:
                 self.metrics.in_progress.dec()
 
     def _fields(self, attempt: Attempt, **more: Any) -> dict[str, Any]:
-        return {"job_id": attempt.job_id, "message_id": attempt.message.message_id,
+        hint = more.pop("job_hint", None)  # the job_id read from a message that failed validation
+        return {"job_id": attempt.job_id or hint, "message_id": attempt.message.message_id,
                 "receive_count": attempt.message.receive_count, "stage": attempt.stage,
                 "duration_s": round(time.monotonic() - attempt.started, 3), **more}
 
@@ -224,7 +232,7 @@ class Worker:
             self.metrics.stage_duration.labels(stage).observe(seconds)
         self.metrics.job_duration.observe(time.monotonic() - attempt.started)
         if error is None:
-            self.queue.delete(message)
+            self.deleter.delete(message)
             outcome = attempt.outcome or "completed"
             if outcome == "completed":
                 self.metrics.transcriptions.labels(attempt.source or "api").inc()
@@ -265,17 +273,21 @@ class Worker:
                     return
             except PermanentError as cb_error:
                 log.error("failure_callback_rejected", extra=self._fields(attempt, error=str(cb_error)))
-        if isinstance(error, PermanentError) and error.code in ("invalid_message", "body_too_large",
-                                                                "forbidden_input", "bad_signature"):
+            except Exception:  # the message must still reach the DLQ with its reason
+                log.exception("failure_callback_crashed", extra=self._fields(attempt))
+        more: dict[str, Any] = {}
+        if isinstance(error, InvalidMessageError):
             self.metrics.rejected.labels(error.code).inc()
+            more["body"] = attempt.message.body[:REJECTED_BODY_CHARS]
+            more["job_hint"] = error.job_id
         self._dead_letter(attempt.message, error)
-        self._outcome(attempt, "failed" if reported else "dead_lettered", error=error)
+        self._outcome(attempt, "failed" if reported else "dead_lettered", error=error, **more)
 
     def _dead_letter(self, message: Message, error: ConsumerError) -> None:
         """Copy the message to the DLQ with why it failed, then delete it from the source."""
         if self.dlq is None:
             log.error("no_dead_letter_queue", extra={"message_id": message.message_id})
-            self.queue.delete(message)
+            self.deleter.delete(message)
             return
         extra = {"error_code": error.code, "error_message": error.message[:1000],
                  "failed_at": str(int(time.time())), "source_message_id": message.message_id,
@@ -283,7 +295,7 @@ class Worker:
         keep = {k: v for k, v in message.attributes.items() if k not in extra}
         attributes = dict(list(keep.items())[: 10 - len(extra)]) | extra  # SQS allows ten attributes
         self.dlq.send(message.body, attributes)
-        self.queue.delete(message)
+        self.deleter.delete(message)
 
     def _outcome(self, attempt: Attempt, outcome: str, *, error: ConsumerError | None = None, **more: Any) -> None:
         self.metrics.jobs.labels(outcome).inc()
@@ -311,15 +323,25 @@ class Worker:
 
     def _heartbeat(self, now: float) -> None:
         due: list[tuple[Message, int]] = []
+        leases: list[tuple[Attempt, int]] = []
         with self._cond:
             for f in self._inflight.values():
                 if f.released or now - f.extended < self.settings.heartbeat_every:
                     continue
+                f.extended = now
+                leases.append((f.attempt, self.settings.visibility_timeout))
                 # SQS caps a message's total invisibility at 12 h from its receipt.
                 seconds = min(self.settings.visibility_timeout, int(SQS_MAX_VISIBILITY - (now - f.received)) - 1)
                 if seconds > 0:
                     due.append((f.message, seconds))
-                    f.extended = now
+                else:
+                    self.metrics.heartbeats.labels("failed").inc()
+                    log.warning("visibility_cap_reached", extra={"message_id": f.message.message_id})
+        # The lease is renewed even when SQS refuses an extension: it is what keeps a redelivered copy
+        # of a still-running job from being transcribed a second time elsewhere.
+        for attempt, seconds in leases:
+            if not self.pipeline.renew_lease(attempt, until=time.time() + seconds):
+                log.warning("lease_renewal_failed", extra=self._fields(attempt))
         for i in range(0, len(due), 10):
             batch = due[i:i + 10]
             try:

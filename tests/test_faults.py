@@ -193,3 +193,34 @@ def test_rate_limit_pauses_every_worker(run_daemon, aws, openai_stub, wordpress)
     wait_for(lambda: len(wordpress.accepted()) == 3, timeout=60, what="all three completed")
     assert rd.daemon.metrics.backpressure_seconds._value.get() >= 1.5
     assert rd.daemon.metrics.errors.labels("transcribe", "rate_limited")._value.get() == 1
+
+
+def test_copy_delivered_elsewhere_while_running_waits_for_the_lease(run_daemon, aws, openai_stub, wordpress):
+    """A message whose visibility is lost mid-job (as when an extension fails) reaches another daemon;
+    the job's lease makes that daemon wait instead of transcribing a second time."""
+    upload(aws, "audio/lease.wav")
+    openai_stub.latency = 4
+    send_job(aws, "job-lease", "audio/lease.wav")
+    a = run_daemon(concurrency=1, retry_base_delay=1, retry_max_delay=2)
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="first transcription started")
+    [entry] = list(a.worker._inflight.values())
+    aws.sqs.change_message_visibility(QueueUrl=aws.queue_url, ReceiptHandle=entry.message.receipt_handle,
+                                      VisibilityTimeout=0)  # the visibility is lost
+    b = run_daemon(concurrency=1, retry_base_delay=1, retry_max_delay=2)
+    wait_for(lambda: b.daemon.metrics.errors.labels("validate", "job_in_progress")._value.get() >= 1, timeout=30,
+             what="the second daemon meets the lease")
+    wait_for(lambda: wordpress.terminal("job-lease"), timeout=60, what="callback")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=60, what="queue empty")
+    assert openai_stub.count() == 1
+    assert len(wordpress.terminal("job-lease")) == 1
+
+
+def test_same_job_twice_on_two_daemons(run_daemon, aws, openai_stub, wordpress):
+    upload(aws, "audio/dd.wav")
+    openai_stub.latency = 2
+    send_job(aws, "job-dd", "audio/dd.wav")
+    send_job(aws, "job-dd", "audio/dd.wav")
+    run_daemon(concurrency=1)
+    run_daemon(concurrency=1)
+    wait_for(lambda: aws.counts() == (0, 0), timeout=60, what="both copies settled")
+    assert openai_stub.count() == 1 and len(wordpress.terminal("job-dd")) == 1

@@ -61,6 +61,9 @@ def test_legacy_body_takes_the_message_id():
     ({"job_id": "j", "s3_key": "other/a"}, "forbidden_input", "j"),
     ({"job_id": "j", "s3_key": "audio/" + "a" * 1100}, "invalid_message", "j"),
     ({"job_id": "j", "s3_key": "audio/e\u0301"}, "forbidden_input", "j"),
+    ('{"job_id": "j", "s3_key": "audio/a", "metadata": {"x": NaN}}', "invalid_message", None),
+    ('{"job_id": "j", "s3_key": "audio/a\\ud800"}', "invalid_message", "j"),
+    ('{"job_id": "j", "s3_key": "audio/a", "metadata": {"a": ' + "[" * 40 + "]" * 40 + "}}", "invalid_message", "j"),
 ])
 def test_rejections(body, code, job_id):
     err = reject(msg(body))

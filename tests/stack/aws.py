@@ -64,13 +64,17 @@ class AwsStack:
         return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
     def dlq_messages(self) -> list[dict[str, Any]]:
-        """Every DLQ message, received with visibility 0 so they stay visible for the code under test."""
+        """Every DLQ message; they are hidden while collected, then made visible again for the code under test."""
         out: dict[str, dict[str, Any]] = {}
-        for _ in range(20):
+        for _ in range(50):
             resp = self.sqs.receive_message(QueueUrl=self.dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
-                                            VisibilityTimeout=0, MessageAttributeNames=["All"])
+                                            VisibilityTimeout=30, MessageAttributeNames=["All"])
             batch = resp.get("Messages", [])
-            if not batch or all(m["MessageId"] in out for m in batch):
+            if not batch:
                 break
             out.update({m["MessageId"]: m for m in batch})
+        handles = [m["ReceiptHandle"] for m in out.values()]
+        for i in range(0, len(handles), 10):
+            self.sqs.change_message_visibility_batch(QueueUrl=self.dlq_url, Entries=[
+                {"Id": str(n), "ReceiptHandle": h, "VisibilityTimeout": 0} for n, h in enumerate(handles[i:i + 10])])
         return list(out.values())
