@@ -67,7 +67,7 @@ def test_max_age():
         verify("{}", header, ["k"], max_age=60, now=1100)
 
 
-@given(body=st.text(max_size=300), secret=st.text(min_size=1, max_size=40), t=st.integers(0, 2**40))
+@given(body=st.text(max_size=300), secret=st.text(min_size=1, max_size=40), t=st.integers(0, 10**11))
 def test_signed_bodies_round_trip(body, secret, t):
     verify(body, sign(body, [secret], timestamp=t), [secret])
 
