@@ -70,17 +70,23 @@ class ResultStore:
     def key(self, job_id: str) -> str:
         return f"{self.prefix}{job_id}.json"
 
-    def get(self, job_id: str) -> StoredResult | None:
+    def _read(self, key: str, what: str) -> tuple[bytes, str] | None:
+        """(body, ETag) of an object under the prefix, or None when there is none."""
         try:
-            resp = self.s3.get_object(Bucket=self.bucket, Key=self.key(job_id))
-            raw = resp["Body"].read()
+            resp = self.s3.get_object(Bucket=self.bucket, Key=key)
+            return resp["Body"].read(), str(resp["ETag"])
         except (ClientError, BotoCoreError) as exc:
-            err = translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable", what="read result")
+            err = translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable", what=what)
             if err.code == "result_not_found":
                 return None
             raise err from exc
+
+    def get(self, job_id: str) -> StoredResult | None:
+        found = self._read(self.key(job_id), "read result")
+        if found is None:
+            return None
         try:
-            return StoredResult.model_validate_json(raw)
+            return StoredResult.model_validate_json(found[0])
         except ValidationError:
             return None  # an unreadable result is as good as none: transcribe again
 
@@ -113,18 +119,14 @@ class ResultStore:
         return lease.model_copy(update={"etag": str(resp["ETag"])})
 
     def _read_lease(self, job_id: str) -> Lease | None:
+        found = self._read(self.lease_key(job_id), "read lease")
+        if found is None:
+            return None
+        raw, etag = found
         try:
-            resp = self.s3.get_object(Bucket=self.bucket, Key=self.lease_key(job_id))
-            raw = resp["Body"].read()
-        except (ClientError, BotoCoreError) as exc:
-            err = translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable", what="read lease")
-            if err.code == "result_not_found":
-                return None
-            raise err from exc
-        try:
-            return Lease.model_validate_json(raw).model_copy(update={"etag": str(resp["ETag"])})
+            return Lease.model_validate_json(raw).model_copy(update={"etag": etag})
         except ValidationError:
-            return Lease(job_id=job_id, owner="?", expires_at=0, etag=str(resp["ETag"]))  # unreadable: expired
+            return Lease(job_id=job_id, owner="?", expires_at=0, etag=etag)  # unreadable: as good as expired
 
     def acquire(self, job_id: str, owner: str, *, until: float) -> Lease:
         """Take the job's lease, or raise RetryableError(job_in_progress) while someone else holds it."""
