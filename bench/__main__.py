@@ -54,9 +54,13 @@ def parser() -> argparse.ArgumentParser:
 def _meta() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "consumer"], cwd=ROOT, capture_output=True,
+                           text=True, check=False).stdout.split("\n")
+    changed = sorted(line[3:] for line in dirty if line.strip())
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                        f"Python {platform.python_version()}",
-            "commit": commit or "?", "finished": _now()}
+            "commit": (commit or "?") + (" + uncommitted changes to " + ", ".join(changed) if changed else ""),
+            "finished": _now()}
 
 
 def _now() -> str:
@@ -75,18 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             fn, text = BENCHMARKS[name]
             b.say(f"== {text}")
-            started = time.monotonic()
+            started, tree = time.monotonic(), _meta()["commit"]  # the daemons run what is checked out now
             try:
                 entry = fn(b)
             except Exception as exc:  # noqa: BLE001 - one failed benchmark must not lose the others' figures
                 traceback.print_exc()
                 entry = {"title": name, "error": f"{type(exc).__name__}: {exc}", "figures": []}
                 failed += 1
-            entry.update(elapsed_s=round(time.monotonic() - started, 1), finished=_now(), quick=args.quick)
+            entry.update(elapsed_s=round(time.monotonic() - started, 1), finished=_now(), quick=args.quick,
+                         commit=tree)
             results["benchmarks"][name] = entry
             for f in entry["figures"]:
                 mark = {True: "met", False: "MISSED", None: ""}[f["met"]]
-                b.say(f"   {f['label']}: {report.fmt(f['value'], f['unit'])} {f['unit']}"
+                unit = "" if f["unit"] == "$" else f" {f['unit']}"
+                b.say(f"   {f['label']}: {report.fmt(f['value'], f['unit'])}{unit}"
                       f"{'  target ' + f['target'] if f['target'] else ''} {mark}")
             _write(results, args.out)  # after each benchmark: an interrupted run keeps what it measured
         b.say(f"done; results in {args.out}")

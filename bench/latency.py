@@ -28,21 +28,41 @@ def _summary(overheads: list[float]) -> dict[str, float]:
             "mean_ms": round(sum(ms) / len(ms), 1)}
 
 
+def _split(b: Bench, sent: dict[str, float], latency: float) -> dict[str, float]:
+    """p50s of where the overhead goes: inside the daemon (receive to callback built, from the callback's
+    own `timings.total_ms`, minus the stub's latency) and outside it (SendMessage + the receive's return +
+    the callback's POST)."""
+    inside, outside = [], []
+    for job_id, t0 in sent.items():
+        total = b.receiver.timings.get(job_id, {}).get("total_ms")
+        arrived = b.receiver.arrived.get(job_id)
+        if total is None or arrived is None:
+            continue
+        inside.append(total - latency * 1000)
+        outside.append((arrived - t0) * 1000 - total)
+    if not inside:
+        return {}
+    return {"inside_daemon_p50_ms": round(percentile(inside, 50), 1),
+            "outside_daemon_p50_ms": round(percentile(outside, 50), 1)}
+
+
 def one_at_a_time(b: Bench, aws: Any, key: str, jobs: int) -> tuple[dict[str, Any], list[float]]:
     b.openai.latency = SINGLE_LATENCY
     overheads = []
+    sent_at: dict[str, float] = {}
     for i in range(jobs):
         job_id = f"single-{i}"
-        sent = time.monotonic()
+        sent = sent_at[job_id] = time.monotonic()
         send_job(aws, job_id, key)
         arrived = b.receiver.wait_job(job_id, timeout=60)
         if arrived is None:
             raise RuntimeError(f"no callback for {job_id} within 60 s")
+        b.receiver.check([job_id])
         overheads.append(arrived - sent - SINGLE_LATENCY)
         if (i + 1) % 50 == 0:
             b.say(f"latency: one at a time: {i + 1}/{jobs}, p50 so far {percentile(overheads, 50) * 1000:.1f} ms")
         time.sleep(0.05)  # let the previous job's delete land: one job in the system at a time
-    return _summary(overheads), overheads
+    return _summary(overheads) | _split(b, sent_at, SINGLE_LATENCY), overheads
 
 
 def at_load(b: Bench, aws: Any, key: str, seconds: float) -> tuple[dict[str, Any], list[float]]:
@@ -66,6 +86,7 @@ def at_load(b: Bench, aws: Any, key: str, seconds: float) -> tuple[dict[str, Any
     thread.start()
     thread.join(seconds * 3 + 30)
     b.receiver.wait_count(base + jobs, timeout=120)
+    b.receiver.check(list(sent))
     arrived = {k: b.receiver.arrived[k] for k in sent if k in b.receiver.arrived}
     first, last = min(sent.values()), max(sent.values())
     offered = (len(sent) - 1) / (last - first)
@@ -75,7 +96,7 @@ def at_load(b: Bench, aws: Any, key: str, seconds: float) -> tuple[dict[str, Any
     half = len(sent) // 2
     early = [arrived[f"load-{i}"] - sent[f"load-{i}"] for i in range(half) if f"load-{i}" in arrived]
     late = [arrived[f"load-{i}"] - sent[f"load-{i}"] for i in range(half, jobs) if f"load-{i}" in arrived]
-    summary = _summary(overheads) | {
+    summary = _summary(overheads) | _split(b, sent, LOAD_LATENCY) | {
         "offered_per_s": round(offered, 3), "completed_per_s": round(completion, 3),
         "completed": len(arrived), "sent": len(sent),
         "p50_first_half_ms": round((percentile(early, 50) - LOAD_LATENCY) * 1000, 1),

@@ -49,6 +49,7 @@ def one(b: Bench, megabytes: int) -> dict[str, Any]:
     row = {"megabytes": megabytes, "bytes": size, "audio_min": round(seconds / 60, 1),
            "peak_rss_mb": round(peak, 1), "baseline_hwm_mb": round(baseline, 1),
            "rss_after_mb": round(rss_after, 1), "completed": done == 1 and arrived is not None,
+           "callback_status": b.receiver.status.get(f"mem-{megabytes}", "no callback"),
            "job_wall_s": round((arrived or time.monotonic()) - t0, 1), "api_requests": len(sent),
            "api_files": [f"{r.filename} ({len(r.data) / 1e6:.1f} MB)" for r in sent]}
     b.say(f"memory: {megabytes} MB: peak RSS {peak:.1f} MB (after start-up {baseline:.1f} MB), "

@@ -101,7 +101,8 @@ class CallbackReceiver:
 
     def __init__(self) -> None:
         self.arrived: dict[str, float] = {}
-        self.status: Counter[str] = Counter()
+        self.status: dict[str, str] = {}
+        self.timings: dict[str, dict[str, int]] = {}  # the callback's own timings (download/transcribe/total ms)
         self.cond = threading.Condition()
         receiver = self
 
@@ -114,7 +115,8 @@ class CallbackReceiver:
                 body = json.loads(raw)
                 with receiver.cond:
                     receiver.arrived.setdefault(str(body["job_id"]), now)
-                    receiver.status[str(body.get("status"))] += 1
+                    receiver.status.setdefault(str(body["job_id"]), str(body.get("status")))
+                    receiver.timings.setdefault(str(body["job_id"]), dict(body.get("timings") or {}))
                     receiver.cond.notify_all()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -142,6 +144,14 @@ class CallbackReceiver:
         with self.cond:
             self.cond.wait_for(lambda: job_id in self.arrived, timeout=timeout)
             return self.arrived.get(job_id)
+
+    def check(self, job_ids: list[str]) -> None:
+        """Raise unless every job was called back as completed: a figure over failed jobs is no figure."""
+        with self.cond:
+            bad = {j: self.status.get(j, "no callback") for j in job_ids if self.status.get(j) != "completed"}
+        if bad:
+            sample = dict(list(bad.items())[:3])
+            raise RuntimeError(f"{len(bad)} of {len(job_ids)} jobs did not complete, e.g. {sample}")
 
     def stop(self) -> None:
         self.httpd.shutdown()
@@ -171,14 +181,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         resp = self.upstream.getresponse()
         data = resp.read()
         self.proxy.record(op, body, data)
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in HOP_HEADERS | {"content-length"}:
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        head = self.command == "HEAD"  # no body, but the Content-Length of the object: pass it on as it is
+        try:
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in HOP_HEADERS | ({"content-length"} if not head else set()):
+                    self.send_header(k, v)
+            if not head:
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the daemon stopped while its long poll was open
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

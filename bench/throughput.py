@@ -39,6 +39,7 @@ def concurrency(b: Bench) -> dict[str, Any]:
             ok = ok and b.receiver.wait_count(feeder.base + total, timeout=30)
             arrived = [b.receiver.arrived[i] for i in feeder.ids() if i in b.receiver.arrived]
             used = {k: round(v - before[k], 2) for k, v in cpu_now(b, d.pid).items()}
+        b.receiver.check(feeder.ids())
         assert feeder.first_sent is not None
         elapsed = max(arrived) - feeder.first_sent
         rate = len(arrived) / elapsed
@@ -88,6 +89,7 @@ def cpu(b: Bench) -> dict[str, Any]:
             time.sleep(0.2)
         after, t2 = cpu_now(b, d.pid), time.monotonic()
         completed = d.completed()
+        b.receiver.check(feeder.ids())
         moto_note = "moto, the stubs and this process share the 2 cores with the daemon"
     used = {k: v - before[k] for k, v in after.items()}
     busy = used["daemon"]
