@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from bench import audio_prep, latency, memory, report, sqs_requests, throughput
 from bench.common import Bench
-from bench.stack import ROOT
+from bench.stack import CLK_TCK, ROOT, proc_cpu_seconds
 
 BENCHMARKS: dict[str, tuple[Callable[[Bench], dict[str, Any]], str]] = {
     "concurrency": (throughput.concurrency, "1. jobs/s at CONCURRENCY 1, 4, 16, 32 with 1 s transcriptions"),
@@ -63,6 +64,19 @@ def _meta() -> dict[str, Any]:
             "finished": _now()}
 
 
+def _machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat: anything else running shows up here."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _own_cpu(b: Bench) -> float:
+    """CPU seconds of this process, its waited-for children (daemons, ffmpeg) and moto."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime + proc_cpu_seconds(b.moto.pid)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -80,14 +94,20 @@ def main(argv: list[str] | None = None) -> int:
             fn, text = BENCHMARKS[name]
             b.say(f"== {text}")
             started, tree = time.monotonic(), _meta()["commit"]  # the daemons run what is checked out now
+            cpu0, own0, load0 = _machine_cpu(), _own_cpu(b), os.getloadavg()[0]
             try:
                 entry = fn(b)
             except Exception as exc:  # noqa: BLE001 - one failed benchmark must not lose the others' figures
                 traceback.print_exc()
                 entry = {"title": name, "error": f"{type(exc).__name__}: {exc}", "figures": []}
                 failed += 1
+            busy, total = (y - x for x, y in zip(cpu0, _machine_cpu(), strict=True))
+            foreign = max(0.0, busy / CLK_TCK - (_own_cpu(b) - own0)) / max(total / CLK_TCK, 1e-9)
             entry.update(elapsed_s=round(time.monotonic() - started, 1), finished=_now(), quick=args.quick,
-                         commit=tree)
+                         commit=tree, machine={"cpu_busy": round(busy / max(total, 1), 2),
+                                               "cpu_busy_other_processes": round(foreign, 2),
+                                               "loadavg_1min_start": round(load0, 2),
+                                               "loadavg_1min_end": round(os.getloadavg()[0], 2)})
             results["benchmarks"][name] = entry
             for f in entry["figures"]:
                 mark = {True: "met", False: "MISSED", None: ""}[f["met"]]

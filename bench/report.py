@@ -48,7 +48,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         bench = results["benchmarks"].get(name)
         if not bench:
             continue
-        when = f"{bench.get('finished', '?')}{' (quick)' if bench.get('quick') else ''}"
+        load = bench.get("machine", {})
+        when = (f"{bench.get('finished', '?')}{' (quick)' if bench.get('quick') else ''}"
+                + (f"; other processes used {load['cpu_busy_other_processes']:.0%} of the CPU" if load else ""))
         if bench.get("error"):
             lines.append(f"| {number} | {name} | error: {bench['error']} | | | | {when} |")
             continue
