@@ -62,15 +62,17 @@ def private_workdir(settings: Settings) -> Path:
     return mine
 
 
-def find_dlq(sqs: SQSClient, queue: SqsQueue, settings: Settings) -> tuple[str | None, int | None]:
-    """(DLQ URL, maxReceiveCount): SQS_DLQ_URL wins; otherwise the queue's RedrivePolicy."""
+def find_dlq(sqs: SQSClient, queue: SqsQueue, settings: Settings) -> tuple[str | None, int]:
+    """(DLQ URL, attempts): SQS_DLQ_URL wins over the RedrivePolicy's DLQ; attempts are the policy's
+    maxReceiveCount, or MAX_RECEIVES without a policy (else a job that keeps failing transiently would
+    be retried until the queue's retention silently drops it)."""
     policy = queue.redrive_policy()
-    max_receives = policy[1] if policy else None
+    max_receives = policy[1] if policy else settings.max_receives
     if settings.sqs_dlq_url:
         return settings.sqs_dlq_url, max_receives
     if policy:
         return queue_url_for_arn(sqs, policy[0]), max_receives
-    return None, None
+    return None, max_receives
 
 
 @dataclass

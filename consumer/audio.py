@@ -236,15 +236,19 @@ def has_speech(path: Path, info: AudioInfo) -> bool:
     return False
 
 
-def prepare(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path) -> list[AudioPart]:
-    """The files to transcribe: the original if it fits `limits` as it is, else Ogg/Opus chunks in workdir."""
+def prepare(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
+            max_total_seconds: float | None = None) -> list[AudioPart]:
+    """The files to transcribe: the original if it fits `limits` as it is, else Ogg/Opus chunks in workdir.
+
+    `max_total_seconds` (MAX_AUDIO_SECONDS) is enforced on the decoded audio, not only on the header."""
     if _fits_as_is(info, limits):
         extension = info.api_format or info.container
         return [AudioPart(path=path, filename=f"{path.stem}.{extension}", offset=0.0, duration=info.duration)]
     max_seconds = _chunk_seconds(limits, info.duration)
     plan = audio_split.SplitPlan.make(max_seconds=max_seconds, expected_seconds=info.duration)
     try:
-        chunks = audio_split.transcode_split(path, workdir, stem=path.stem or "audio", plan=plan)
+        chunks = audio_split.transcode_split(path, workdir, stem=path.stem or "audio", plan=plan,
+                                             max_seconds=max_total_seconds)
     except (av.FFmpegError, OSError) as exc:
         raise translate_av_error(exc) from exc
     if sum(c.duration for c in chunks) <= 0:

@@ -19,12 +19,15 @@ import av
 import numpy as np
 import numpy.typing as npt
 
+from consumer.errors import PermanentError
+
 log = logging.getLogger(__name__)
 
 Samples = npt.NDArray[np.int16]
 
 RATE = 16_000  # what every ASR model resamples to anyway; lower rates lose consonants
 BLOCK = RATE // 10  # 100 ms: the unit of both the speech check and the cut search
+TOO_LONG_SLACK = 1.05  # decoders pad a little; only a real excess over MAX_AUDIO_SECONDS is refused
 HOP = RATE // 100  # the cut search slides its 100 ms frame by 10 ms
 CUT_WINDOW_SECONDS = 10.0  # search this far either side of a nominal boundary for a pause
 CUT_MARGIN_SECONDS = 1.0  # slack under max_seconds for encoder padding and rounding on the API side
@@ -38,8 +41,23 @@ OPUS_OPTIONS = {"application": "voip", "vbr": "constrained"}
 MAX_UNDECODABLE_PACKETS = 100  # a few damaged packets are skipped as ffmpeg's CLI would; not thousands
 
 
-def pcm_blocks(path: Path) -> Iterator[Samples]:
-    """Decode the best audio stream to 100 ms blocks of 16 kHz mono int16, streaming; video is skipped."""
+def pcm_blocks(path: Path, *, max_seconds: float | None = None) -> Iterator[Samples]:
+    """Decode the best audio stream to 100 ms blocks of 16 kHz mono int16, streaming; video is skipped.
+
+    `max_seconds` bounds what is decoded: a header may understate the duration (MAX_AUDIO_SECONDS is
+    checked against it first), and only counting decoded samples catches that.
+    """
+    limit = None if max_seconds is None else int(max_seconds * TOO_LONG_SLACK * RATE)
+    decoded = 0
+    for block in _pcm_blocks(path):
+        decoded += len(block)
+        if limit is not None and decoded > limit:
+            raise PermanentError(f"recording decodes to more than {max_seconds:.0f} s (MAX_AUDIO_SECONDS), "
+                                 "whatever its header says", code="audio_too_long")
+        yield block
+
+
+def _pcm_blocks(path: Path) -> Iterator[Samples]:
     with av.open(str(path), metadata_errors="ignore") as container:
         stream = container.streams.best("audio")
         if stream is None:
@@ -190,7 +208,8 @@ class SplitPlan:
         return cls(grid=round(grid * RATE), window=round(window * RATE), longest=math.floor(longest * RATE))
 
 
-def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan) -> list[Chunk]:
+def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
+                    max_seconds: float | None = None) -> list[Chunk]:
     """Decode `source` once and write 16 kHz mono Ogg/Opus chunks into `workdir`, cutting at pauses."""
     queue = _Queue()
     written: list[tuple[Path, int]] = []
@@ -206,7 +225,7 @@ def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan) 
         current = _OpusFile(workdir / f"{stem}.part{len(written):03d}.ogg")
 
     try:
-        for block in pcm_blocks(source):
+        for block in pcm_blocks(source, max_seconds=max_seconds):
             queue.push(block)
             while boundary is not None and queue.end >= boundary + plan.window:
                 lo = max(boundary - plan.window, chunk_start + 1)

@@ -59,14 +59,17 @@ def walk(dlq: SqsQueue, *, wait_seconds: int = 1) -> Iterator[DeadLetter]:
     seen: set[str] = set()
     while True:
         batch = dlq.receive(10, wait_seconds=wait_seconds, visibility_timeout=LIST_VISIBILITY)
-        fresh = [m for m in batch if m.message_id not in seen]
-        if not fresh:
-            if batch:
-                dlq.change_visibility_batch([(m, 0) for m in batch])
+        if not batch:
             return
-        for m in fresh:
-            seen.add(m.message_id)
-            yield DeadLetter(m)
+        repeats = [m for m in batch if m.message_id in seen]
+        if repeats:  # walked longer than LIST_VISIBILITY: hand them back, keep going
+            dlq.change_visibility_batch([(m, 0) for m in repeats])
+            if len(repeats) == len(batch) and len(seen) > 0:
+                return  # only repeats left: every message has been seen
+        for m in batch:
+            if m.message_id not in seen:
+                seen.add(m.message_id)
+                yield DeadLetter(m)
 
 
 def list_dead_letters(dlq: SqsQueue, out: Callable[[str], None] = print) -> int:

@@ -6,6 +6,7 @@ The object's size is checked from its metadata before a byte is downloaded, and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,11 @@ S3_ERRORS: dict[str, tuple[bool, str]] = {
     "NotFound": (False, "audio_not_found"),
     "NoSuchBucket": (False, "audio_not_found"),
     # Without s3:ListBucket a missing key answers 403, so a denial is indistinguishable from absence.
-    "AccessDenied": (False, "audio_not_found"),
-    "403": (False, "audio_not_found"),
+    # With s3:ListBucket granted (deploy/cloudformation.yaml) a missing key answers 404, so a 403 is a
+    # real denial: a policy or KMS change an operator will fix. Retried, it is not lost meanwhile.
+    "AccessDenied": (True, "s3_unavailable"),
+    "403": (True, "s3_unavailable"),
+    "400": (True, "s3_unavailable"),  # HEAD has no error body: an expired token looks like this
     "InvalidObjectState": (False, "audio_not_found"),  # archived (Glacier) objects
     "PreconditionFailed": (True, "s3_unavailable"),  # replaced between HEAD and GET; fetch again
     "412": (True, "s3_unavailable"),
@@ -71,7 +75,7 @@ def download(s3: S3Client, obj: AudioObject, dest: Path, *, max_bytes: int) -> P
         body = resp["Body"]
         written = 0
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out, contextlib.closing(body):  # a failed download frees its connection
             for chunk in body.iter_chunks(CHUNK_BYTES):
                 written += len(chunk)
                 if written > max_bytes:
@@ -79,7 +83,6 @@ def download(s3: S3Client, obj: AudioObject, dest: Path, *, max_bytes: int) -> P
                         f"recording grew past MAX_AUDIO_BYTES={max_bytes} while downloading", code="audio_too_large"
                     )
                 out.write(chunk)
-        body.close()
     except (ClientError, BotoCoreError) as exc:
         raise translate_aws_error(
             exc, S3_ERRORS, default_code="s3_unavailable", what=f"s3://{obj.bucket}/{obj.key}"

@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,10 +94,14 @@ class Pipeline:
         try:
             yield
         finally:
-            lease, attempt.lease = attempt.lease, None
-            if lease is not None:
-                with contextlib.suppress(ConsumerError):  # an unreleased lease simply expires
-                    self.results.release(lease)
+            self.release_lease(attempt)
+
+    def release_lease(self, attempt: Attempt) -> None:
+        """Give the job's lease up (best effort: an unreleased lease simply expires)."""
+        lease, attempt.lease = attempt.lease, None
+        if lease is not None:
+            with contextlib.suppress(ConsumerError):
+                self.results.release(lease)
 
     def renew_lease(self, attempt: Attempt, *, until: float) -> bool:
         """Extend a running job's lease with its message's visibility (called by the heartbeat)."""
@@ -104,9 +109,11 @@ class Pipeline:
         if lease is None:
             return True
         try:
-            attempt.lease = self.results.renew(lease, until=until)
+            renewed = self.results.renew(lease, until=until)
         except ConsumerError:
             return False
+        if attempt.lease is lease:  # not released by the worker while we renewed
+            attempt.lease = renewed
         return True
 
     @contextmanager
@@ -140,12 +147,14 @@ class Pipeline:
             attempt.audio_seconds = stored.transcript.duration_seconds or 0.0
             with self._stage(attempt, "callback"):
                 self.deliverer.post(self._payload(attempt, job, transcript=stored.transcript))
-                self.results.mark_delivered(stored)
             attempt.outcome = "completed"
+            # WordPress has the transcript: from here on nothing may turn the job into a failure. If the
+            # mark is lost, a duplicate delivery only re-sends the same callback (Idempotency-Key).
+            with contextlib.suppress(ConsumerError):
+                self.results.mark_delivered(stored)
 
     def _transcribe(self, attempt: Attempt, job: JobMessage, obj: fetch.AudioObject) -> StoredResult:
-        jobdir = self.workdir / attempt.message.message_id
-        jobdir.mkdir(mode=0o700)
+        jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
         try:
             with self._stage(attempt, "download"):
                 path = fetch.download(self.s3, obj, jobdir / "original", max_bytes=self.settings.max_audio_bytes)
@@ -154,7 +163,8 @@ class Pipeline:
                 audio.check_limits(info, max_bytes=self.settings.max_audio_bytes,
                                    max_seconds=self.settings.max_audio_seconds)
                 speech = audio.has_speech(path, info)
-                parts = audio.prepare(path, info, self.transcriber.limits, jobdir) if speech else []
+                parts = audio.prepare(path, info, self.transcriber.limits, jobdir,
+                                      max_total_seconds=self.settings.max_audio_seconds) if speech else []
             with self._stage(attempt, "transcribe"):
                 if not speech:
                     transcript = Transcript(text="", duration_seconds=info.duration, no_speech=True)

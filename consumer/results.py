@@ -13,6 +13,7 @@ time: hosts need NTP, as they do for SQS and S3 request signing anyway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ValidationError
 
 from consumer.aws import translate_aws_error
-from consumer.errors import RetryableError
+from consumer.errors import ConsumerError, RetryableError
 from consumer.models import Transcript
 
 if TYPE_CHECKING:
@@ -145,21 +146,34 @@ class ResultStore:
                                  delay=min(current.expires_at - now, 900) + 1)
         try:
             return self._write_lease(wanted, IfMatch=current.etag)  # expired (or our own): take it over
-        except RetryableError as exc:
-            if exc.code == "lease_taken":
-                raise RetryableError(f"job {job_id} was just taken over elsewhere", code="job_in_progress") from exc
-            raise
+        except ConsumerError as exc:
+            if exc.code == "result_not_found":  # its holder released it meanwhile: it is free again
+                with contextlib.suppress(RetryableError):
+                    return self._write_lease(wanted, IfNoneMatch="*")
+            elif exc.code != "lease_taken":
+                raise
+            raise RetryableError(f"job {job_id} was just taken over elsewhere", code="job_in_progress") from exc
 
     def renew(self, lease: Lease, *, until: float) -> Lease:
         """Push the expiry on; raises RetryableError(lease_taken) if someone took the lease over."""
-        return self._write_lease(lease.model_copy(update={"expires_at": until}), IfMatch=lease.etag)
+        try:
+            return self._write_lease(lease.model_copy(update={"expires_at": until}), IfMatch=lease.etag)
+        except RetryableError as exc:
+            # A renewal whose response was lost succeeded anyway, and botocore's retry then fails on the old
+            # ETag: when the lease is still ours, carry on from the ETag it has now.
+            current = self._read_lease(lease.job_id) if exc.code == "lease_taken" else None
+            if current is None or current.owner != lease.owner:
+                raise
+            return self._write_lease(current.model_copy(update={"expires_at": until}), IfMatch=current.etag)
 
     def release(self, lease: Lease) -> None:
-        """Give the lease up (best effort: an unreleased lease simply expires)."""
+        """Give the lease up if it is still ours (conditional on its ETag, so a takeover is never undone)."""
         current = self._read_lease(lease.job_id)
-        if current is not None and current.owner == lease.owner:
-            try:
-                self.s3.delete_object(Bucket=self.bucket, Key=self.lease_key(lease.job_id))
-            except (ClientError, BotoCoreError) as exc:
-                raise translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable",
-                                          what="release lease") from exc
+        if current is None or current.owner != lease.owner:
+            return
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=self.lease_key(lease.job_id),
+                                  IfMatch=current.etag)  # type: ignore[call-arg]
+        except (ClientError, BotoCoreError) as exc:
+            raise translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable",
+                                      what="release lease") from exc

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     retry_base_delay: float = Field(15, ge=0, description="First retry backoff, seconds; doubles per attempt.")
     retry_max_delay: float = Field(900, ge=0, le=SQS_MAX_VISIBILITY, description="Backoff cap, seconds.")
     queue_metrics_interval: float = Field(60, gt=0, description="Seconds between queue-depth polls.")
+    max_receives: int = Field(
+        5, ge=1, le=1000, description="Attempts before a job fails for good, when the queue has no RedrivePolicy."
+    )
 
     # --- audio in S3
     s3_bucket: str | None = Field(None, description="Default bucket of the recordings.")

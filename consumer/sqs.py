@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from consumer.aws import translate_aws_error
-from consumer.errors import ConsumerError, RetryableError
+from consumer.errors import RetryableError
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -126,10 +126,10 @@ class SqsQueue:
         )
         return [items[int(f["Id"])][0] for f in resp.get("Failed", [])]
 
-    def send(self, body: str, attributes: dict[str, str] | None = None) -> str:
+    def send(self, body: str, attributes: dict[str, str] | None = None, *, delay_seconds: int = 0) -> str:
         resp = self._call(
             "SendMessage", self.client.send_message,
-            MessageBody=body, MessageAttributes=string_attributes(attributes or {}),
+            MessageBody=body, MessageAttributes=string_attributes(attributes or {}), DelaySeconds=delay_seconds,
         )
         return str(resp["MessageId"])
 
@@ -185,7 +185,11 @@ class DeleteBatcher:
             lead = not self._draining
             self._draining = True
         if lead:
-            self._drain()
+            try:
+                self._drain()
+            finally:
+                with self._lock:
+                    self._draining = False
         done.result()
 
     def _drain(self) -> None:
@@ -193,11 +197,10 @@ class DeleteBatcher:
             with self._lock:
                 batch, self._pending = self._pending[:10], self._pending[10:]
                 if not batch:
-                    self._draining = False
                     return
             try:
                 failed = {m.message_id for m in self.queue.delete_batch([m for m, _ in batch])}
-            except ConsumerError as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter; otherwise they block forever
                 for _, done in batch:
                     done.set_exception(exc)
                 continue

@@ -82,7 +82,7 @@ OPENAI_ERRORS: dict[type[Exception], tuple[bool, str]] = {
     openai.ConflictError: (True, "transcription_unavailable"),
     openai.BadRequestError: (False, "transcription_rejected"),
     openai.UnprocessableEntityError: (False, "transcription_rejected"),
-    openai.NotFoundError: (False, "transcription_rejected"),
+    openai.NotFoundError: (True, "transcription_unavailable"),  # a mistyped model or URL: fix it, lose nothing
     openai.APIStatusError: (True, "transcription_unavailable"),
 }
 # Statuses not covered by an SDK subclass: 413 is too large (permanent), 408/425 are transient.
@@ -204,9 +204,13 @@ def transcribe_parts(
                 chained = results[-1].text[-PROMPT_TAIL_CHARS:] or prompt
             results.append(transcriber.transcribe(part, language=language, prompt=chained))
     else:
-        with ThreadPoolExecutor(max_workers=min(parallelism, len(parts)), thread_name_prefix="chunk") as ex:
+        ex = ThreadPoolExecutor(max_workers=min(parallelism, len(parts)), thread_name_prefix="chunk")
+        try:
             futures = [ex.submit(transcriber.transcribe, p, language=language, prompt=prompt) for p in parts]
             results = [f.result() for f in futures]
+        finally:
+            # One failed chunk fails the attempt: chunks not yet sent are not sent (nor paid for).
+            ex.shutdown(wait=True, cancel_futures=True)
     return stitch(parts, results)
 
 

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any
@@ -29,6 +30,10 @@ from consumer.settings import SQS_MAX_VISIBILITY, Settings
 from consumer.sqs import DeleteBatcher, Message, SqsQueue
 
 log = logging.getLogger("consumer.worker")
+# Not failures of the job itself: another delivery holds its lease, or this daemon is stopping. They wait
+# (and on a last permitted receive they are re-sent fresh) but never fail the job.
+DEFERRALS = frozenset({"job_in_progress", "shutting_down"})
+MAX_SEND_DELAY = 900  # SQS DelaySeconds cap
 RECEIVE_ERROR_BACKOFF = (1.0, 30.0)  # first and longest pause after a failed ReceiveMessage
 REJECTED_BODY_CHARS = 200  # enough to recognise a bad message in the log, not enough to flood it
 
@@ -63,6 +68,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self.clock = clock
         self.rng = rng
+        # Keyed by receipt handle: one message can be delivered again while its first copy still runs.
         self._inflight: dict[str, InFlight] = {}
         self._cond = threading.Condition()
         self._handoff: SimpleQueue[Attempt | None] = SimpleQueue()
@@ -126,13 +132,10 @@ class Worker:
             pending = [f for f in self._inflight.values() if not f.released]
             for f in pending:
                 f.released = True
-        for i in range(0, len(pending), 10):
-            batch = [(f.message, 0) for f in pending[i:i + 10]]
-            try:
-                self.queue.change_visibility_batch(batch)
-            except ConsumerError as exc:
-                log.warning("release_failed", extra={"error": str(exc)})
         for f in pending:
+            # The lease too, or the instance that takes the message over would only meet it and wait.
+            self.pipeline.release_lease(f.attempt)
+            self._give_back(f.message)
             log.info("job_released", extra={"message_id": f.message.message_id})
 
     # ------------------------------------------------------------------ poller
@@ -180,11 +183,11 @@ class Worker:
         if message.sent_timestamp:
             self.metrics.message_age.observe(max(0.0, time.time() - message.sent_timestamp))
         if self.stop.is_set():  # received during shutdown: give it straight back
-            self.queue.change_visibility(message, 0)
+            self._give_back(message)
             return
         attempt = Attempt(message=message, visible_until=time.time() + self.settings.visibility_timeout)
         with self._cond:
-            self._inflight[message.message_id] = InFlight(attempt, received=now, extended=now)
+            self._inflight[message.receipt_handle] = InFlight(attempt, received=now, extended=now)
         self.metrics.in_progress.inc()
         log.info("message_received", extra={"message_id": message.message_id,
                                             "receive_count": message.receive_count})
@@ -209,7 +212,7 @@ class Worker:
                 log.exception("settle_failed", extra=self._fields(attempt))
             finally:
                 with self._cond:
-                    self._inflight.pop(message.message_id, None)
+                    self._inflight.pop(message.receipt_handle, None)
                     self._cond.notify_all()
                 self.metrics.in_progress.dec()
 
@@ -225,7 +228,7 @@ class Worker:
         """Delete on success, back off a retryable failure, fail and dead-letter a permanent one."""
         message = attempt.message
         with self._cond:
-            entry = self._inflight.get(message.message_id)
+            entry = self._inflight.get(message.receipt_handle)
             if entry and entry.released:
                 return  # shutdown already handed it back; another instance owns it now
         for stage, seconds in attempt.durations.items():
@@ -241,7 +244,7 @@ class Worker:
             self._outcome(attempt, outcome)
             return
         self.metrics.errors.labels(attempt.stage, error.code).inc()
-        if isinstance(error, RetryableError) and not self._last_attempt(message):
+        if isinstance(error, RetryableError) and (error.code in DEFERRALS or not self._last_attempt(message)):
             self._retry(attempt, error)
             return
         self._fail(attempt, error)
@@ -259,8 +262,32 @@ class Worker:
 
     def _retry(self, attempt: Attempt, error: RetryableError) -> None:
         delay = self.backoff(attempt.message.receive_count, error)
-        self.queue.change_visibility(attempt.message, delay)
+        if self._last_attempt(attempt.message):  # only deferrals get here: keep the job alive, fresh
+            self._requeue(attempt.message, delay)
+        else:
+            # SQS caps a message's invisibility at 12 h from its receipt, not from now.
+            left = SQS_MAX_VISIBILITY - int(time.monotonic() - attempt.started) - 1
+            self.queue.change_visibility(attempt.message, max(0, min(delay, left)))
         self._outcome(attempt, "retried", error=error, retry_in_s=delay)
+
+    def _requeue(self, message: Message, delay: int = 0) -> None:
+        """Send the message again (receive count starts over) and delete this copy.
+
+        Used where the job has not failed but its receive count is spent: handing it back would let the
+        redrive policy dead-letter it without a word to WordPress.
+        """
+        self.queue.send(message.body, message.attributes, delay_seconds=min(MAX_SEND_DELAY, delay))
+        self.deleter.delete(message)
+
+    def _give_back(self, message: Message) -> None:
+        """Make a message another instance can take at once (shutdown)."""
+        try:
+            if self._last_attempt(message):
+                self._requeue(message)
+            else:
+                self.queue.change_visibility(message, 0)
+        except ConsumerError as exc:  # it reappears after its visibility timeout instead
+            log.warning("release_failed", extra={"message_id": message.message_id, "error": str(exc)})
 
     def _fail(self, attempt: Attempt, error: ConsumerError) -> None:
         reported = False
@@ -312,24 +339,45 @@ class Worker:
     def _housekeeping_loop(self) -> None:
         tick = min(1.0, self.settings.heartbeat_every / 2)
         next_depth = self.clock()
-        while not self._done.wait(tick):
-            now = self.clock()
-            self._heartbeat(now)
-            if now - self._last_tick < self.settings.health_stall_seconds:
-                self.notifier.watchdog()  # only while the poll loop makes progress
-            if now >= next_depth:
-                next_depth = now + self.settings.queue_metrics_interval
-                self._observe_depths()
+        # Lease renewals (S3) and depth polls go to their own threads: a slow S3 or a slow
+        # GetQueueAttributes must not delay the visibility extensions or the watchdog.
+        io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping-io")
+        busy: set[str] = set()
 
-    def _heartbeat(self, now: float) -> None:
+        def once(key: str, fn: Callable[[], None]) -> None:
+            if key not in busy:  # the previous call for this key is still running: skip a beat
+                busy.add(key)
+                io.submit(fn).add_done_callback(lambda _: busy.discard(key))
+
+        try:
+            while not self._done.wait(tick):
+                now = self.clock()
+                if now - self._last_tick < self.settings.health_stall_seconds:
+                    self.notifier.watchdog()  # only while the poll loop makes progress
+                for attempt in self._heartbeat(now):
+                    once(attempt.message.receipt_handle, lambda a=attempt: self._renew_lease(a))  # type: ignore[misc]
+                if now >= next_depth:
+                    next_depth = now + self.settings.queue_metrics_interval
+                    once("depths", self._observe_depths)
+        finally:
+            io.shutdown(wait=False, cancel_futures=True)
+
+    def _renew_lease(self, attempt: Attempt) -> None:
+        # Renewed even when SQS refused the extension: the lease is what keeps a redelivered copy of a
+        # still-running job from being transcribed a second time elsewhere.
+        if not self.pipeline.renew_lease(attempt, until=time.time() + self.settings.visibility_timeout):
+            log.warning("lease_renewal_failed", extra=self._fields(attempt))
+
+    def _heartbeat(self, now: float) -> list[Attempt]:
+        """Extend the visibility of every job due for it (batched); returns those jobs."""
         due: list[tuple[Message, int]] = []
-        leases: list[tuple[Attempt, int]] = []
+        extended: list[Attempt] = []
         with self._cond:
             for f in self._inflight.values():
                 if f.released or now - f.extended < self.settings.heartbeat_every:
                     continue
                 f.extended = now
-                leases.append((f.attempt, self.settings.visibility_timeout))
+                extended.append(f.attempt)
                 # SQS caps a message's total invisibility at 12 h from its receipt.
                 seconds = min(self.settings.visibility_timeout, int(SQS_MAX_VISIBILITY - (now - f.received)) - 1)
                 if seconds > 0:
@@ -337,11 +385,6 @@ class Worker:
                 else:
                     self.metrics.heartbeats.labels("failed").inc()
                     log.warning("visibility_cap_reached", extra={"message_id": f.message.message_id})
-        # The lease is renewed even when SQS refuses an extension: it is what keeps a redelivered copy
-        # of a still-running job from being transcribed a second time elsewhere.
-        for attempt, seconds in leases:
-            if not self.pipeline.renew_lease(attempt, until=time.time() + seconds):
-                log.warning("lease_renewal_failed", extra=self._fields(attempt))
         for i in range(0, len(due), 10):
             batch = due[i:i + 10]
             try:
@@ -351,6 +394,7 @@ class Worker:
                 log.warning("heartbeat_failed", extra={"error": str(exc)})
             self.metrics.heartbeats.labels("ok").inc(len(batch) - len(failed))
             self.metrics.heartbeats.labels("failed").inc(len(failed))
+        return extended
 
     def _observe_depths(self) -> None:
         for name, q in (("main", self.queue), ("dlq", self.dlq)):

@@ -6,6 +6,7 @@ are generated here, streamed to disk, with pauses at known places so the cuts ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -318,3 +319,17 @@ def test_audio_info_is_a_value() -> None:
     assert info == AudioInfo(**{**info.__dict__})
     with pytest.raises(AttributeError):
         info.duration = 1.0  # type: ignore[misc]
+
+
+def test_decoded_length_is_bounded_whatever_the_header_says(tmp_path):
+    """MAX_AUDIO_SECONDS is checked on the header first; the transcode counts decoded samples too."""
+    from consumer import audio as audio_mod
+    from consumer.errors import PermanentError
+    from consumer.transcribe import AudioLimits
+
+    src = FIXTURES / "speech.wav"
+    info = audio_mod.probe(src)
+    lying = dataclasses.replace(info, duration=0.5)  # as if the header understated the length
+    with pytest.raises(PermanentError) as err:
+        audio_mod.prepare(src, lying, AudioLimits(max_bytes=None, formats=frozenset()), tmp_path, max_total_seconds=1.0)
+    assert err.value.code == "audio_too_long"

@@ -224,3 +224,20 @@ def test_same_job_twice_on_two_daemons(run_daemon, aws, openai_stub, wordpress):
     run_daemon(concurrency=1)
     wait_for(lambda: aws.counts() == (0, 0), timeout=60, what="both copies settled")
     assert openai_stub.count() == 1 and len(wordpress.terminal("job-dd")) == 1
+
+
+def test_a_waiting_copy_on_its_last_receive_is_resent_not_dead_lettered(moto_server, run_daemon, openai_stub,
+                                                                        wordpress):
+    """With maxReceiveCount 1, the copy that meets the lease has no receive left: it is sent again fresh
+    (and later recognised as a duplicate) instead of being failed or dead-lettered."""
+    aws = AwsStack.create(moto_server, max_receives=1)
+    upload(aws, "audio/last.wav")
+    openai_stub.latency = 2
+    send_job(aws, "job-last", "audio/last.wav")
+    send_job(aws, "job-last", "audio/last.wav")
+    rd = run_daemon(sqs_queue_url=aws.queue_url, s3_bucket=aws.bucket, concurrency=2, visibility_timeout=5)
+    wait_for(lambda: wordpress.terminal("job-last"), timeout=60, what="callback")
+    wait_for(lambda: rd.daemon.metrics.jobs.labels("duplicate")._value.get() >= 1, timeout=60, what="duplicate")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="queue empty")
+    assert [b["status"] for b in wordpress.terminal("job-last")] == ["completed"]
+    assert openai_stub.count() == 1 and aws.dlq_messages() == []

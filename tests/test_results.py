@@ -53,3 +53,17 @@ def test_expired_lease_is_taken_over_and_the_old_holder_cannot_renew(store):
     store.release(old)  # not the owner any more: leaves the survivor's lease alone
     with pytest.raises(RetryableError):
         store.acquire("job2", "third", until=time.time() + 60)
+
+
+def test_takeover_of_a_lease_released_meanwhile_takes_the_free_lease(store, monkeypatch):
+    """The expired lease we read is deleted by its holder before our If-Match write lands: S3 answers
+    NoSuchKey, and the now-free lease is taken instead of failing the job."""
+    from consumer.results import Lease
+
+    store.acquire("job3", "crashed", until=time.time() - 1)
+    stale = store._read_lease("job3")
+    store.release(stale)
+    monkeypatch.setattr(store, "_read_lease", lambda job_id: Lease(job_id=job_id, owner="crashed", expires_at=0,
+                                                                   etag=stale.etag))
+    lease = store.acquire("job3", "survivor", until=time.time() + 60)
+    assert lease.owner == "survivor"

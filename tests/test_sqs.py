@@ -62,3 +62,23 @@ def test_missing_queue_is_a_permanent_error(aws):
     with pytest.raises(PermanentError) as err:
         queue.counts()
     assert err.value.code == "queue_not_found"
+
+
+class _BrokenQueue:
+    def __init__(self):
+        self.calls = 0
+
+    def delete_batch(self, messages):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("connection pool exploded")
+        return []
+
+
+def test_a_crashing_batch_reaches_every_waiter_and_the_batcher_recovers():
+    from consumer.sqs import Message
+
+    batcher = DeleteBatcher(_BrokenQueue())
+    with pytest.raises(RuntimeError):
+        batcher.delete(Message("m1", "r1", "b"))
+    batcher.delete(Message("m2", "r2", "b"))  # not wedged: a later delete goes through
