@@ -3,7 +3,8 @@
 Threads of one process:
     poller       receives only as many messages as there are idle workers, hands them over
     workers (N)  run `Pipeline.process`, then `settle` (the one place deciding delete/retry/dead-letter)
-    housekeeper  heartbeats (visibility extensions), queue-depth gauges, the systemd watchdog
+    housekeeper  heartbeats (visibility extensions), lease renewals, queue-depth gauges, the systemd
+                 watchdog (housekeeping.py)
 
 Shutdown is two-phase, sized to systemd's TimeoutStopSec: stop receiving at once, give in-flight jobs
 SHUTDOWN_GRACE seconds, then release what is left (visibility 0) so another instance takes it at once.
@@ -16,13 +17,13 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any
 
 from consumer import __version__
 from consumer.errors import ConsumerError, InvalidMessageError, PermanentError, RetryableError
+from consumer.housekeeping import Housekeeper
 from consumer.metrics import Metrics
 from consumer.pipeline import Attempt, Pipeline
 from consumer.sdnotify import Notifier
@@ -69,11 +70,11 @@ class Worker:
         self.clock = clock
         self.rng = rng
         # Keyed by receipt handle: one message can be delivered again while its first copy still runs.
-        self._inflight: dict[str, InFlight] = {}
-        self._cond = threading.Condition()
+        self.inflight: dict[str, InFlight] = {}
+        self.cond = threading.Condition()
         self._handoff: SimpleQueue[Attempt | None] = SimpleQueue()
-        self._done = threading.Event()  # housekeeping outlives `stop` until in-flight jobs are settled
-        self._last_tick = clock()
+        self.done = threading.Event()  # housekeeping outlives `stop` until in-flight jobs are settled
+        self.last_tick = clock()
         self._drained = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -82,7 +83,7 @@ class Worker:
         """Consume until `stop` is set (or, with drain, until the queue is empty); returns an exit status."""
         threads = [threading.Thread(target=self._work_loop, name=f"worker-{i}", daemon=True)
                    for i in range(self.settings.concurrency)]
-        threads.append(threading.Thread(target=self._housekeeping_loop, name="housekeeper", daemon=True))
+        threads.append(threading.Thread(target=Housekeeper(self).run, name="housekeeper", daemon=True))
         poller = threading.Thread(target=self._poll_loop, args=(drain,), name="poller", daemon=True)
         for t in [*threads, poller]:
             t.start()
@@ -96,40 +97,40 @@ class Worker:
             self._release_all()
         for _ in range(self.settings.concurrency):
             self._handoff.put(None)
-        self._done.set()
+        self.done.set()
         log.info("daemon_stopped", extra={"released": not finished})
         return 0
 
     def request_stop(self) -> None:
         self.stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
 
     @property
     def in_flight(self) -> int:
-        with self._cond:
-            return len(self._inflight)
+        with self.cond:
+            return len(self.inflight)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(alive, body) for GET /health: alive while the poll loop keeps ticking."""
-        age = self.clock() - self._last_tick
+        age = self.clock() - self.last_tick
         ok = age < self.settings.health_stall_seconds
         return ok, {"status": "ok" if ok else "stalled", "version": __version__,
                     "last_poll_age_s": round(age, 3), "in_flight": self.in_flight}
 
     def _wait_idle(self, timeout: float) -> bool:
         deadline = self.clock() + timeout
-        with self._cond:
-            while self._inflight:
+        with self.cond:
+            while self.inflight:
                 left = deadline - self.clock()
                 if left <= 0:
                     return False
-                self._cond.wait(min(left, 0.5))
+                self.cond.wait(min(left, 0.5))
         return True
 
     def _release_all(self) -> None:
-        with self._cond:
-            pending = [f for f in self._inflight.values() if not f.released]
+        with self.cond:
+            pending = [f for f in self.inflight.values() if not f.released]
             for f in pending:
                 f.released = True
         for f in pending:
@@ -143,7 +144,7 @@ class Worker:
     def _poll_loop(self, drain: bool) -> None:
         failures = 0
         while not self.stop.is_set():
-            self._last_tick = self.clock()
+            self.last_tick = self.clock()
             idle = self._wait_for_idle_slot()
             if idle == 0:
                 continue
@@ -161,7 +162,7 @@ class Worker:
                 self.stop.wait(min(RECEIVE_ERROR_BACKOFF[1], RECEIVE_ERROR_BACKOFF[0] * 2 ** (failures - 1)))
                 continue
             failures = 0
-            self._last_tick = self.clock()
+            self.last_tick = self.clock()
             self.metrics.last_poll.set_to_current_time()
             self.notifier.ready(f"polling {self.queue.url}")
             for message in messages:
@@ -171,11 +172,11 @@ class Worker:
                 self.request_stop()
 
     def _wait_for_idle_slot(self) -> int:
-        with self._cond:
-            idle = self.settings.concurrency - len(self._inflight)
+        with self.cond:
+            idle = self.settings.concurrency - len(self.inflight)
             if idle <= 0:
-                self._cond.wait(1.0)
-                idle = self.settings.concurrency - len(self._inflight)
+                self.cond.wait(1.0)
+                idle = self.settings.concurrency - len(self.inflight)
             return max(0, idle)
 
     def _accept(self, message: Message) -> None:
@@ -186,8 +187,8 @@ class Worker:
             self._give_back(message)
             return
         attempt = Attempt(message=message, visible_until=time.time() + self.settings.visibility_timeout)
-        with self._cond:
-            self._inflight[message.receipt_handle] = InFlight(attempt, received=now, extended=now)
+        with self.cond:
+            self.inflight[message.receipt_handle] = InFlight(attempt, received=now, extended=now)
         self.metrics.in_progress.inc()
         log.info("message_received", extra={"message_id": message.message_id,
                                             "receive_count": message.receive_count})
@@ -204,19 +205,19 @@ class Worker:
             except ConsumerError as exc:
                 error = exc
             except Exception as exc:  # a bug must cost one retry, not the worker thread
-                log.exception("job_crashed", extra=self._fields(attempt))
+                log.exception("job_crashed", extra=self.log_fields(attempt))
                 error = RetryableError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
             try:
                 self.settle(attempt, error)
             except Exception:  # the message will reappear after its visibility timeout
-                log.exception("settle_failed", extra=self._fields(attempt))
+                log.exception("settle_failed", extra=self.log_fields(attempt))
             finally:
-                with self._cond:
-                    self._inflight.pop(message.receipt_handle, None)
-                    self._cond.notify_all()
+                with self.cond:
+                    self.inflight.pop(message.receipt_handle, None)
+                    self.cond.notify_all()
                 self.metrics.in_progress.dec()
 
-    def _fields(self, attempt: Attempt, **more: Any) -> dict[str, Any]:
+    def log_fields(self, attempt: Attempt, **more: Any) -> dict[str, Any]:
         hint = more.pop("job_hint", None)  # the job_id read from a message that failed validation
         return {"job_id": attempt.job_id or hint, "message_id": attempt.message.message_id,
                 "receive_count": attempt.message.receive_count, "stage": attempt.stage,
@@ -227,8 +228,8 @@ class Worker:
     def settle(self, attempt: Attempt, error: ConsumerError | None) -> None:
         """Delete on success, back off a retryable failure, fail and dead-letter a permanent one."""
         message = attempt.message
-        with self._cond:
-            entry = self._inflight.get(message.receipt_handle)
+        with self.cond:
+            entry = self.inflight.get(message.receipt_handle)
             if entry and entry.released:
                 return  # shutdown already handed it back; another instance owns it now
         for stage, seconds in attempt.durations.items():
@@ -299,9 +300,9 @@ class Worker:
                     self._retry(attempt, cb_error)
                     return
             except PermanentError as cb_error:
-                log.error("failure_callback_rejected", extra=self._fields(attempt, error=str(cb_error)))
+                log.error("failure_callback_rejected", extra=self.log_fields(attempt, error=str(cb_error)))
             except Exception:  # the message must still reach the DLQ with its reason
-                log.exception("failure_callback_crashed", extra=self._fields(attempt))
+                log.exception("failure_callback_crashed", extra=self.log_fields(attempt))
         more: dict[str, Any] = {}
         if isinstance(error, InvalidMessageError):
             self.metrics.rejected.labels(error.code).inc()
@@ -326,84 +327,10 @@ class Worker:
 
     def _outcome(self, attempt: Attempt, outcome: str, *, error: ConsumerError | None = None, **more: Any) -> None:
         self.metrics.jobs.labels(outcome).inc()
-        fields = self._fields(attempt, outcome=outcome, **more)
+        fields = self.log_fields(attempt, outcome=outcome, **more)
         if error is not None:
             fields |= {"error_code": error.code, "error": error.message[:500]}
         event = {"completed": "job_completed", "duplicate": "job_duplicate", "retried": "job_retried",
                  "failed": "job_failed", "dead_lettered": "job_dead_lettered"}[outcome]
         level = logging.WARNING if outcome in ("failed", "dead_lettered") else logging.INFO
         log.log(level, event, extra=fields)
-
-    # ------------------------------------------------------------------ housekeeping
-
-    def _housekeeping_loop(self) -> None:
-        tick = min(1.0, self.settings.heartbeat_every / 2)
-        next_depth = self.clock()
-        # Lease renewals (S3) and depth polls go to their own threads: a slow S3 or a slow
-        # GetQueueAttributes must not delay the visibility extensions or the watchdog.
-        io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping-io")
-        busy: set[str] = set()
-
-        def once(key: str, fn: Callable[[], None]) -> None:
-            if key not in busy:  # the previous call for this key is still running: skip a beat
-                busy.add(key)
-                io.submit(fn).add_done_callback(lambda _: busy.discard(key))
-
-        try:
-            while not self._done.wait(tick):
-                now = self.clock()
-                if now - self._last_tick < self.settings.health_stall_seconds:
-                    self.notifier.watchdog()  # only while the poll loop makes progress
-                for attempt in self._heartbeat(now):
-                    once(attempt.message.receipt_handle, lambda a=attempt: self._renew_lease(a))  # type: ignore[misc]
-                if now >= next_depth:
-                    next_depth = now + self.settings.queue_metrics_interval
-                    once("depths", self._observe_depths)
-        finally:
-            io.shutdown(wait=False, cancel_futures=True)
-
-    def _renew_lease(self, attempt: Attempt) -> None:
-        # Renewed even when SQS refused the extension: the lease is what keeps a redelivered copy of a
-        # still-running job from being transcribed a second time elsewhere.
-        if not self.pipeline.renew_lease(attempt, until=time.time() + self.settings.visibility_timeout):
-            log.warning("lease_renewal_failed", extra=self._fields(attempt))
-
-    def _heartbeat(self, now: float) -> list[Attempt]:
-        """Extend the visibility of every job due for it (batched); returns those jobs."""
-        due: list[tuple[Message, int]] = []
-        extended: list[Attempt] = []
-        with self._cond:
-            for f in self._inflight.values():
-                if f.released or now - f.extended < self.settings.heartbeat_every:
-                    continue
-                f.extended = now
-                extended.append(f.attempt)
-                # SQS caps a message's total invisibility at 12 h from its receipt.
-                seconds = min(self.settings.visibility_timeout, int(SQS_MAX_VISIBILITY - (now - f.received)) - 1)
-                if seconds > 0:
-                    due.append((f.message, seconds))
-                else:
-                    self.metrics.heartbeats.labels("failed").inc()
-                    log.warning("visibility_cap_reached", extra={"message_id": f.message.message_id})
-        for i in range(0, len(due), 10):
-            batch = due[i:i + 10]
-            try:
-                failed = self.queue.change_visibility_batch(batch)
-            except ConsumerError as exc:
-                failed = [m for m, _ in batch]
-                log.warning("heartbeat_failed", extra={"error": str(exc)})
-            self.metrics.heartbeats.labels("ok").inc(len(batch) - len(failed))
-            self.metrics.heartbeats.labels("failed").inc(len(failed))
-        return extended
-
-    def _observe_depths(self) -> None:
-        for name, q in (("main", self.queue), ("dlq", self.dlq)):
-            if q is None:
-                continue
-            try:
-                visible, in_flight = q.counts()
-            except ConsumerError as exc:
-                log.warning("queue_depth_failed", extra={"queue": name, "error": str(exc)})
-                continue
-            self.metrics.queue_messages.labels(name, "visible").set(visible)
-            self.metrics.queue_messages.labels(name, "in_flight").set(in_flight)

@@ -54,7 +54,7 @@ def test_health_reports_a_stalled_poll_loop(run_daemon, aws):
     port = rd.daemon.side_port.port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
         assert r.status == 200
-    rd.daemon.worker._last_tick -= 60  # as if the poller had been stuck for a minute
+    rd.daemon.worker.last_tick -= 60  # as if the poller had been stuck for a minute
 
     def status() -> int:
         try:

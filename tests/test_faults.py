@@ -203,7 +203,7 @@ def test_copy_delivered_elsewhere_while_running_waits_for_the_lease(run_daemon, 
     send_job(aws, "job-lease", "audio/lease.wav")
     a = run_daemon(concurrency=1, retry_base_delay=1, retry_max_delay=2)
     wait_for(lambda: openai_stub.count() == 1, timeout=30, what="first transcription started")
-    [entry] = list(a.worker._inflight.values())
+    [entry] = list(a.worker.inflight.values())
     aws.sqs.change_message_visibility(QueueUrl=aws.queue_url, ReceiptHandle=entry.message.receipt_handle,
                                       VisibilityTimeout=0)  # the visibility is lost
     b = run_daemon(concurrency=1, retry_base_delay=1, retry_max_delay=2)

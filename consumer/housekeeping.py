@@ -1,0 +1,105 @@
+"""Housekeeping for the worker: visibility heartbeats, lease renewals, queue-depth gauges, the watchdog.
+
+Part of the worker layer (it extends visibility on the worker's in-flight messages), kept apart so
+worker.py stays the loop and the settle step. One thread; its slow I/O (S3 lease renewals, queue-depth
+polls) goes to two helper threads so it can never delay a visibility extension or the watchdog.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from consumer.errors import ConsumerError
+from consumer.settings import SQS_MAX_VISIBILITY
+
+if TYPE_CHECKING:
+    from consumer.pipeline import Attempt
+    from consumer.sqs import Message
+    from consumer.worker import Worker
+
+log = logging.getLogger("consumer.worker")
+
+
+class Housekeeper:
+    """Runs beside a Worker until the worker's in-flight jobs are settled."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.settings = worker.settings
+        self.metrics = worker.metrics
+
+    def run(self) -> None:
+        tick = min(1.0, self.settings.heartbeat_every / 2)
+        next_depth = self.worker.clock()
+        # Lease renewals (S3) and depth polls go to their own threads: a slow S3 or a slow
+        # GetQueueAttributes must not delay the visibility extensions or the watchdog.
+        io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping-io")
+        busy: set[str] = set()
+
+        def once(key: str, fn: Callable[[], None]) -> None:
+            if key not in busy:  # the previous call for this key is still running: skip a beat
+                busy.add(key)
+                io.submit(fn).add_done_callback(lambda _: busy.discard(key))
+
+        try:
+            while not self.worker.done.wait(tick):
+                now = self.worker.clock()
+                if now - self.worker.last_tick < self.settings.health_stall_seconds:
+                    self.worker.notifier.watchdog()  # only while the poll loop makes progress
+                for attempt in self._heartbeat(now):
+                    once(attempt.message.receipt_handle, lambda a=attempt: self._renew_lease(a))  # type: ignore[misc]
+                if now >= next_depth:
+                    next_depth = now + self.settings.queue_metrics_interval
+                    once("depths", self._observe_depths)
+        finally:
+            io.shutdown(wait=False, cancel_futures=True)
+
+    def _renew_lease(self, attempt: Attempt) -> None:
+        # Renewed even when SQS refused the extension: the lease is what keeps a redelivered copy of a
+        # still-running job from being transcribed a second time elsewhere.
+        if not self.worker.pipeline.renew_lease(attempt, until=time.time() + self.settings.visibility_timeout):
+            log.warning("lease_renewal_failed", extra=self.worker.log_fields(attempt))
+
+    def _heartbeat(self, now: float) -> list[Attempt]:
+        """Extend the visibility of every job due for it (batched); returns those jobs."""
+        due: list[tuple[Message, int]] = []
+        extended: list[Attempt] = []
+        with self.worker.cond:
+            for f in self.worker.inflight.values():
+                if f.released or now - f.extended < self.settings.heartbeat_every:
+                    continue
+                f.extended = now
+                extended.append(f.attempt)
+                # SQS caps a message's total invisibility at 12 h from its receipt.
+                seconds = min(self.settings.visibility_timeout, int(SQS_MAX_VISIBILITY - (now - f.received)) - 1)
+                if seconds > 0:
+                    due.append((f.message, seconds))
+                else:
+                    self.metrics.heartbeats.labels("failed").inc()
+                    log.warning("visibility_cap_reached", extra={"message_id": f.message.message_id})
+        for i in range(0, len(due), 10):
+            batch = due[i:i + 10]
+            try:
+                failed = self.worker.queue.change_visibility_batch(batch)
+            except ConsumerError as exc:
+                failed = [m for m, _ in batch]
+                log.warning("heartbeat_failed", extra={"error": str(exc)})
+            self.metrics.heartbeats.labels("ok").inc(len(batch) - len(failed))
+            self.metrics.heartbeats.labels("failed").inc(len(failed))
+        return extended
+
+    def _observe_depths(self) -> None:
+        for name, q in (("main", self.worker.queue), ("dlq", self.worker.dlq)):
+            if q is None:
+                continue
+            try:
+                visible, in_flight = q.counts()
+            except ConsumerError as exc:
+                log.warning("queue_depth_failed", extra={"queue": name, "error": str(exc)})
+                continue
+            self.metrics.queue_messages.labels(name, "visible").set(visible)
+            self.metrics.queue_messages.labels(name, "in_flight").set(in_flight)
