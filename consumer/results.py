@@ -22,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ValidationError
 
 from consumer.aws import translate_aws_error
-from consumer.errors import ConsumerError, RetryableError
+from consumer.errors import ConsumerError, PermanentError, RetryableError
 from consumer.models import Transcript
 
 if TYPE_CHECKING:
@@ -168,12 +168,24 @@ class ResultStore:
 
     def release(self, lease: Lease) -> None:
         """Give the lease up if it is still ours (conditional on its ETag, so a takeover is never undone)."""
-        current = self._read_lease(lease.job_id)
-        if current is None or current.owner != lease.owner:
-            return
         try:
-            self.s3.delete_object(Bucket=self.bucket, Key=self.lease_key(lease.job_id),
-                                  IfMatch=current.etag)  # type: ignore[call-arg]
+            self._delete_lease(lease.job_id, lease.etag)
+            return
+        except RetryableError as exc:
+            if exc.code != "lease_taken":
+                raise
+        except PermanentError as exc:  # already gone
+            if exc.code == "result_not_found":
+                return
+            raise
+        # Our ETag is stale (a renewal whose answer was lost): delete only if the lease is still ours.
+        current = self._read_lease(lease.job_id)
+        if current is not None and current.owner == lease.owner:
+            self._delete_lease(lease.job_id, current.etag)
+
+    def _delete_lease(self, job_id: str, etag: str) -> None:
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=self.lease_key(job_id), IfMatch=etag)
         except (ClientError, BotoCoreError) as exc:
             raise translate_aws_error(exc, RESULT_ERRORS, default_code="s3_unavailable",
                                       what="release lease") from exc
