@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from consumer.worker import Worker
 
 log = logging.getLogger("consumer.worker")
+STATUS_EVERY = 10.0  # seconds between STATUS= updates to systemd
 
 
 class Housekeeper:
@@ -45,11 +46,15 @@ class Housekeeper:
                 busy.add(key)
                 io.submit(fn).add_done_callback(lambda _: busy.discard(key))
 
+        next_status = self.worker.clock()
         try:
             while not self.worker.done.wait(tick):
                 now = self.worker.clock()
                 if now - self.worker.last_tick < self.settings.health_stall_seconds:
                     self.worker.notifier.watchdog()  # only while the poll loop makes progress
+                if now >= next_status and self.worker.notifier.ready_sent:  # what `systemctl status` shows
+                    next_status = now + STATUS_EVERY
+                    self.worker.notifier.status(f"polling; {self.worker.in_flight} job(s) in flight")
                 for attempt in self._heartbeat(now):
                     once(attempt.message.receipt_handle, lambda a=attempt: self._renew_lease(a))  # type: ignore[misc]
                 if now >= next_depth:

@@ -75,7 +75,6 @@ class Worker:
         self._handoff: SimpleQueue[Attempt | None] = SimpleQueue()
         self.done = threading.Event()  # housekeeping outlives `stop` until in-flight jobs are settled
         self.last_tick = clock()
-        self._drained = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,7 +167,6 @@ class Worker:
             for message in messages:
                 self._accept(message)
             if drain and not messages and self.in_flight == 0:
-                self._drained = True
                 self.request_stop()
 
     def _wait_for_idle_slot(self) -> int:

@@ -63,6 +63,7 @@ def test_daemon_notifies_ready_watchdog_and_stopping(manager, run_daemon, aws, w
 
     wait_for(lambda: got("READY=1"), timeout=20, what="READY=1")
     wait_for(lambda: got("WATCHDOG=1"), timeout=20, what="WATCHDOG=1")
+    wait_for(lambda: got("STATUS=polling; "), timeout=30, what="a STATUS= line with the jobs in flight")
     upload(aws, "audio/n.wav")
     send_job(aws, "notify-1", "audio/n.wav")
     wait_for(lambda: wordpress.terminal("notify-1"), timeout=30, what="job done")

@@ -48,3 +48,14 @@ def test_job_is_transcribed_called_back_and_deleted(run_daemon, aws, openai_stub
     assert 'sidecar_jobs_total{outcome="completed"} 1.0' in text
     assert 'sidecar_sqs_requests_total{operation="ReceiveMessage"}' in text
     assert rd.stop() == 0
+
+
+def test_drain_mode_exits_once_the_queue_is_empty(run_daemon, aws, wordpress):
+    upload(aws, "audio/drain.wav")
+    for i in range(3):
+        send_job(aws, f"drain-{i}", "audio/drain.wav")
+    rd = run_daemon(drain=True)
+    rd.thread.join(60)
+    assert not rd.thread.is_alive() and rd.result == [0]
+    assert sorted(b["job_id"] for b in wordpress.accepted()) == ["drain-0", "drain-1", "drain-2"]
+    assert aws.counts() == (0, 0)
