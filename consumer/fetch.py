@@ -1,7 +1,8 @@
 """The fetch stage: one S3 object streamed to a private temp file, never whole in memory.
 
-The object's size is checked from its metadata before a byte is downloaded, and again while streaming
-(the object may change between the two calls). botocore errors are translated by `S3_ERRORS`.
+The object's size is checked from the response headers before a byte of the body is read, and again
+while streaming. `head` serves the idempotency check of a redelivered job (is the recording still the one
+that was transcribed?). botocore errors are translated by `S3_ERRORS`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ S3_ERRORS: dict[str, tuple[bool, str]] = {
     "403": (True, "s3_unavailable"),
     "400": (True, "s3_unavailable"),  # HEAD has no error body: an expired token looks like this
     "InvalidObjectState": (False, "audio_not_found"),  # archived (Glacier) objects
-    "PreconditionFailed": (True, "s3_unavailable"),  # replaced between HEAD and GET; fetch again
-    "412": (True, "s3_unavailable"),
 }
 
 
@@ -68,23 +67,29 @@ def check_size(obj: AudioObject, max_bytes: int) -> None:
         )
 
 
-def download(s3: S3Client, obj: AudioObject, dest: Path, *, max_bytes: int) -> Path:
-    """Stream the object (pinned to the HEAD's ETag) into dest, created 0600."""
+def download(s3: S3Client, bucket: str, key: str, dest: Path, *, max_bytes: int) -> AudioObject:
+    """Stream the object into dest (created 0600); its size is checked from the response headers first.
+
+    One GET, no HEAD before it: the headers carry the size and ETag, and an oversized or empty object is
+    refused before a byte of its body is read.
+    """
     try:
-        resp = s3.get_object(Bucket=obj.bucket, Key=obj.key, IfMatch=obj.etag)
+        resp = s3.get_object(Bucket=bucket, Key=key)
         body = resp["Body"]
-        written = 0
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out, contextlib.closing(body):  # a failed download frees its connection
-            for chunk in body.iter_chunks(CHUNK_BYTES):
-                written += len(chunk)
-                if written > max_bytes:
-                    raise PermanentError(
-                        f"recording grew past MAX_AUDIO_BYTES={max_bytes} while downloading", code="audio_too_large"
-                    )
-                out.write(chunk)
+        with contextlib.closing(body):  # a refused or failed download frees its connection
+            obj = AudioObject(bucket, key, int(resp["ContentLength"]), str(resp["ETag"]), resp.get("ContentType"))
+            check_size(obj, max_bytes)
+            written = 0
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                for chunk in body.iter_chunks(CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise PermanentError(
+                            f"recording grew past MAX_AUDIO_BYTES={max_bytes} while downloading",
+                            code="audio_too_large",
+                        )
+                    out.write(chunk)
     except (ClientError, BotoCoreError) as exc:
-        raise translate_aws_error(
-            exc, S3_ERRORS, default_code="s3_unavailable", what=f"s3://{obj.bucket}/{obj.key}"
-        ) from exc
-    return dest
+        raise translate_aws_error(exc, S3_ERRORS, default_code="s3_unavailable", what=f"s3://{bucket}/{key}") from exc
+    return obj

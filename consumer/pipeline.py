@@ -1,7 +1,7 @@
 """The job pipeline: `Pipeline.process` lists the stages in order; each stage lives in its own module.
 
-    validate (validate.py) -> fetch (fetch.py) -> prepare (audio.py) -> transcribe (transcribe.py)
-        -> store (results.py) -> callback (deliver.py)
+    validate (validate.py) -> lease, fetch (results.py: a stored result?) -> download (fetch.py)
+        -> prepare (audio.py) -> transcribe (transcribe.py) -> store (results.py) -> callback (deliver.py)
 
 Stages return values or raise ConsumerError; the pipeline never touches SQS and never decides what
 happens to a message (that is `worker.Worker.settle`). Everything after validation runs under the job's
@@ -90,7 +90,8 @@ class Pipeline:
 
     @contextmanager
     def _leased(self, attempt: Attempt, job_id: str) -> Iterator[None]:
-        attempt.lease = self.results.acquire(job_id, attempt.owner, until=attempt.visible_until)
+        with self._stage(attempt, "lease"):
+            attempt.lease = self.results.acquire(job_id, attempt.owner, until=attempt.visible_until)
         try:
             yield
         finally:
@@ -130,18 +131,15 @@ class Pipeline:
         with self._stage(attempt, "validate"):
             job = attempt.job = parse_job(attempt.message, self.settings)
         with self._leased(attempt, job.job_id):
-            bucket = job.s3_bucket or self.settings.s3_bucket or ""
             with self._stage(attempt, "fetch"):
-                obj = fetch.head(self.s3, bucket, job.s3_key)
-                fetch.check_size(obj, self.settings.max_audio_bytes)
-                stored = self.results.get(job.job_id)
-            if stored and stored.audio_etag == obj.etag and stored.s3_key == job.s3_key:
-                if stored.delivered_at:
-                    attempt.outcome = "duplicate"
-                    return
+                stored = self._stored_result(job)
+            if stored and stored.delivered_at:
+                attempt.outcome = "duplicate"
+                return
+            if stored:
                 attempt.source = "cached"
             else:
-                stored = self._transcribe(attempt, job, obj)
+                stored = self._transcribe(attempt, job)
                 attempt.source = "api"
             attempt.model = stored.model
             attempt.audio_seconds = stored.transcript.duration_seconds or 0.0
@@ -153,11 +151,22 @@ class Pipeline:
             with contextlib.suppress(ConsumerError):
                 self.results.mark_delivered(stored)
 
-    def _transcribe(self, attempt: Attempt, job: JobMessage, obj: fetch.AudioObject) -> StoredResult:
+    def _stored_result(self, job: JobMessage) -> StoredResult | None:
+        """The stored result of this job, if it was made from the recording as it is now."""
+        stored = self.results.get(job.job_id)
+        if stored is None or stored.s3_key != job.s3_key:
+            return None
+        obj = fetch.head(self.s3, job.s3_bucket or self.settings.s3_bucket or "", job.s3_key)
+        return stored if stored.audio_etag == obj.etag else None
+
+    def _transcribe(self, attempt: Attempt, job: JobMessage) -> StoredResult:
         jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
+        bucket = job.s3_bucket or self.settings.s3_bucket or ""
         try:
             with self._stage(attempt, "download"):
-                path = fetch.download(self.s3, obj, jobdir / "original", max_bytes=self.settings.max_audio_bytes)
+                obj = fetch.download(self.s3, bucket, job.s3_key, jobdir / "original",
+                                     max_bytes=self.settings.max_audio_bytes)
+                path = jobdir / "original"
             with self._stage(attempt, "prepare"):
                 info = audio.probe(path)
                 audio.check_limits(info, max_bytes=self.settings.max_audio_bytes,

@@ -10,7 +10,10 @@ import sys
 import urllib.error
 import urllib.request
 
+import pytest
+
 from consumer.app import find_dlq, private_workdir
+from consumer.metrics import SidePortServer
 from consumer.sqs import SqsQueue
 from tests.conftest import send_job, upload
 from tests.stack import wait_for
@@ -54,17 +57,20 @@ def test_health_reports_a_stalled_poll_loop(run_daemon, aws):
     port = rd.daemon.side_port.port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
         assert r.status == 200
-    rd.daemon.worker.last_tick -= 60  # as if the poller had been stuck for a minute
+    rd.stop()
 
-    def status() -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read())
-            assert body["status"] == "stalled" and set(body) == {"status", "version", "last_poll_age_s",
-                                                                 "in_flight"}
-            return exc.code
-
-    # The poller ticks again within a second and heals it, so catch the 503 while it lasts.
-    assert status() == 503
+    # The poller is stopped now, so nothing ticks: a controllable clock says a minute has passed.
+    worker = rd.daemon.worker
+    now = [worker.last_tick]
+    worker.clock = lambda: now[0]
+    now[0] += 60
+    server = SidePortServer(rd.daemon.metrics, worker.health, host="127.0.0.1", port=0).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5)
+        assert err.value.code == 503
+        body = json.loads(err.value.read())
+        assert body["status"] == "stalled" and body["last_poll_age_s"] == 60
+        assert set(body) == {"status", "version", "last_poll_age_s", "in_flight"}  # no configuration
+    finally:
+        server.stop()

@@ -207,7 +207,7 @@ def test_copy_delivered_elsewhere_while_running_waits_for_the_lease(run_daemon, 
     aws.sqs.change_message_visibility(QueueUrl=aws.queue_url, ReceiptHandle=entry.message.receipt_handle,
                                       VisibilityTimeout=0)  # the visibility is lost
     b = run_daemon(concurrency=1, retry_base_delay=1, retry_max_delay=2)
-    wait_for(lambda: b.daemon.metrics.errors.labels("validate", "job_in_progress")._value.get() >= 1, timeout=30,
+    wait_for(lambda: b.daemon.metrics.errors.labels("lease", "job_in_progress")._value.get() >= 1, timeout=30,
              what="the second daemon meets the lease")
     wait_for(lambda: wordpress.terminal("job-lease"), timeout=60, what="callback")
     wait_for(lambda: aws.counts() == (0, 0), timeout=60, what="queue empty")
