@@ -18,14 +18,21 @@ def completed(wordpress, job_id):
     return [b for b in wordpress.terminal(job_id) if b["status"] == "completed"]
 
 
+def mid_transcription(spawn_daemon, aws, openai_stub, job_id, *, latency, env):
+    """A daemon subprocess in the middle of transcribing job_id (the stand-in holds the request)."""
+    upload(aws, f"audio/{job_id}.wav")
+    openai_stub.latency = latency
+    daemon = spawn_daemon(env)
+    daemon.wait_ready()
+    send_job(aws, job_id, f"audio/{job_id}.wav")
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    return daemon
+
+
 @pytest.mark.e2e
 def test_kill_9_mid_transcription_then_restart_completes_once(spawn_daemon, aws, openai_stub, wordpress):
-    upload(aws, "audio/a.wav")
-    openai_stub.latency = 120  # the first daemon dies while the request hangs
-    first = spawn_daemon({"VISIBILITY_TIMEOUT": "5"})
-    first.wait_ready()
-    send_job(aws, "job-kill", "audio/a.wav")
-    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    # The first daemon dies while the request hangs.
+    first = mid_transcription(spawn_daemon, aws, openai_stub, "job-kill", latency=120, env={"VISIBILITY_TIMEOUT": "5"})
     first.proc.kill()
     first.proc.wait(10)
 
@@ -89,12 +96,7 @@ def test_job_slower_than_visibility_timeout_is_not_given_to_another_worker(run_d
 
 @pytest.mark.e2e
 def test_sigterm_during_a_job_lets_it_finish_and_exits_0(spawn_daemon, aws, openai_stub, wordpress):
-    upload(aws, "audio/t.wav")
-    openai_stub.latency = 3
-    daemon = spawn_daemon({"SHUTDOWN_GRACE": "30"})
-    daemon.wait_ready()
-    send_job(aws, "job-term", "audio/t.wav")
-    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    daemon = mid_transcription(spawn_daemon, aws, openai_stub, "job-term", latency=3, env={"SHUTDOWN_GRACE": "30"})
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
     assert [b["status"] for b in wordpress.terminal("job-term")] == ["completed"]
@@ -103,12 +105,8 @@ def test_sigterm_during_a_job_lets_it_finish_and_exits_0(spawn_daemon, aws, open
 
 @pytest.mark.e2e
 def test_sigterm_past_the_grace_releases_the_job_at_once(spawn_daemon, aws, openai_stub, wordpress):
-    upload(aws, "audio/r.wav")
-    openai_stub.latency = 120
-    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1", "VISIBILITY_TIMEOUT": "600"})
-    daemon.wait_ready()
-    send_job(aws, "job-release", "audio/r.wav")
-    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    daemon = mid_transcription(spawn_daemon, aws, openai_stub, "job-release", latency=120,
+                               env={"SHUTDOWN_GRACE": "1", "VISIBILITY_TIMEOUT": "600"})
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(20) == 0
     assert daemon.events("job_released")
@@ -119,12 +117,7 @@ def test_sigterm_past_the_grace_releases_the_job_at_once(spawn_daemon, aws, open
 
 @pytest.mark.e2e
 def test_second_signal_exits_immediately(spawn_daemon, aws, openai_stub):
-    upload(aws, "audio/s.wav")
-    openai_stub.latency = 120
-    daemon = spawn_daemon({"SHUTDOWN_GRACE": "120"})
-    daemon.wait_ready()
-    send_job(aws, "job-sig2", "audio/s.wav")
-    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    daemon = mid_transcription(spawn_daemon, aws, openai_stub, "job-sig2", latency=120, env={"SHUTDOWN_GRACE": "120"})
     daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: daemon.events("shutdown_started"), timeout=10, what="graceful shutdown begun")
     daemon.proc.send_signal(signal.SIGINT)
