@@ -34,7 +34,7 @@ import boto3
 import numpy as np
 
 from consumer.signing import sign
-from tests.stack import wait_for
+from tests.stack import wait_for, wait_healthy
 from tests.stack.aws import REGION, AwsStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,16 +306,7 @@ class DaemonProcess:
         return self.proc.pid
 
     def wait_ready(self, timeout: float = 60) -> None:
-        def healthy() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited early:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        wait_for(healthy, timeout=timeout, interval=0.1, what="daemon /health")
+        wait_healthy(self.proc, self.port, self.log_path, timeout=timeout)
 
     def cpu_seconds(self) -> float:
         """user + sys CPU seconds of the daemon so far, from /proc/<pid>/stat (clock-tick resolution)."""

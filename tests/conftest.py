@@ -19,7 +19,7 @@ import pytest
 from consumer.app import Daemon, build_daemon
 from consumer.settings import Settings, load_settings
 from consumer.signing import sign
-from tests.stack import wait_for
+from tests.stack import wait_healthy
 from tests.stack.aws import AwsStack, MotoServer
 from tests.stack.openai_stub import OpenAIStub
 from tests.stack.wordpress import WordPressStub
@@ -168,17 +168,7 @@ class DaemonProcess:
         return [r for r in self.logs() if r.get("event") == name]
 
     def wait_ready(self, timeout: float = 60) -> None:
-        import urllib.request
-
-        def healthy() -> bool:
-            assert self.proc.poll() is None, f"daemon exited early:\n{self.log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/health", timeout=2) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        wait_for(healthy, timeout=timeout, interval=0.1, what="daemon /health")
+        wait_healthy(self.proc, self.metrics_port, self.log_path, timeout=timeout)
 
 
 @pytest.fixture

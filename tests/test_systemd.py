@@ -4,13 +4,13 @@ directives the daemon's lifecycle relies on (notify, watchdog, stop timeout abov
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from consumer.settings import Settings
+from tests.stack import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "salestrainer-sidecar@.service"
@@ -18,12 +18,7 @@ MAX_EXPOSURE = 2.5
 
 
 def _systemd_analyze() -> str:
-    exe = shutil.which("systemd-analyze")
-    if exe is None:
-        reason = "systemd-analyze not installed (scripts/install-system-deps.sh installs the systemd package)"
-        print(reason)
-        pytest.skip(reason)
-    return exe
+    return require_tool("systemd-analyze", "scripts/install-system-deps.sh installs the systemd package")
 
 
 def _directives(text: str) -> dict[str, list[str]]:

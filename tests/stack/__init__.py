@@ -1,7 +1,9 @@
 """Real local servers the tests (and benchmarks) run the daemon against: moto, OpenAI and WordPress stand-ins."""
 
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -17,3 +19,35 @@ def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def require_tool(name: str, how_to_install: str) -> str:
+    """Path of a command-line tool (the virtualenv's own first), or skip the test saying how to get it."""
+    import shutil
+    import sys
+
+    import pytest
+
+    beside_python = Path(sys.executable).with_name(name)
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    if found is None:
+        reason = f"{name} not installed ({how_to_install})"
+        print(reason)
+        pytest.skip(reason)
+    return found
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path, *, timeout: float = 60) -> None:
+    """Wait until a daemon subprocess answers 200 on /health; fail at once if it exits."""
+    import urllib.request
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited early:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout=timeout, interval=0.1, what="daemon /health")
