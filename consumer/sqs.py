@@ -185,11 +185,7 @@ class DeleteBatcher:
             lead = not self._draining
             self._draining = True
         if lead:
-            try:
-                self._drain()
-            finally:
-                with self._lock:
-                    self._draining = False
+            self._drain()
         done.result()
 
     def _drain(self) -> None:
@@ -197,6 +193,9 @@ class DeleteBatcher:
             with self._lock:
                 batch, self._pending = self._pending[:10], self._pending[10:]
                 if not batch:
+                    # Stepping down in the same critical section that found nothing pending: a delete
+                    # queued after it finds no leader and leads itself, instead of waiting for one.
+                    self._draining = False
                     return
             try:
                 failed = {m.message_id for m in self.queue.delete_batch([m for m, _ in batch])}

@@ -8,6 +8,7 @@ import pytest
 
 from consumer.errors import PermanentError
 from consumer.sqs import DeleteBatcher, SqsQueue
+from tests.stack import wait_for
 
 
 def fill(aws, n):
@@ -82,3 +83,51 @@ def test_a_crashing_batch_reaches_every_waiter_and_the_batcher_recovers():
     with pytest.raises(RuntimeError):
         batcher.delete(Message("m1", "r1", "b"))
     batcher.delete(Message("m2", "r2", "b"))  # not wedged: a later delete goes through
+
+
+class _StandInQueue:
+    """Accepts every delete: the race below is in the batcher's own locking, not on the wire."""
+
+    def delete_batch(self, messages):
+        return []
+
+
+class _HookedLock:
+    """A lock that runs `hook` (once, in the releasing thread) after the Nth release by the first thread."""
+
+    def __init__(self, nth, hook):
+        self._lock = threading.Lock()
+        self._nth, self._hook = nth, hook
+        self._owner = None
+        self.releases = 0
+
+    def __enter__(self):
+        self._lock.acquire()
+        self._owner = self._owner or threading.get_ident()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        if threading.get_ident() == self._owner:
+            self.releases += 1
+            if self.releases == self._nth:
+                self._hook()
+
+
+def test_a_delete_queued_as_the_leader_steps_down_is_not_stranded():
+    """The leader finds nothing pending and leaves; a delete queued at that very moment must be sent (by
+    itself, as the new leader) rather than wait for a leader that has gone."""
+    from consumer.sqs import Message
+
+    batcher = DeleteBatcher(_StandInQueue())
+    late = threading.Thread(target=batcher.delete, args=(Message(message_id="late", receipt_handle="r2", body=""),),
+                            daemon=True)
+
+    def queue_a_delete_now():
+        late.start()  # and let it queue itself (or, as the new leader, finish) before the old leader goes on
+        wait_for(lambda: batcher._pending or not late.is_alive(), timeout=5, what="the late delete queued")
+
+    # Releases by the leader: queue its delete, take a batch, find nothing pending (the third).
+    batcher._lock = _HookedLock(3, queue_a_delete_now)
+    batcher.delete(Message(message_id="first", receipt_handle="r1", body=""))
+    late.join(10)
+    assert not late.is_alive(), "the late delete waits for a leader that has left"
