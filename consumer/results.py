@@ -140,7 +140,12 @@ class ResultStore:
         current = self._read_lease(job_id)
         now = time.time()
         if current is None:  # released between our write and our read
-            return self._write_lease(wanted, IfNoneMatch="*")
+            try:
+                return self._write_lease(wanted, IfNoneMatch="*")
+            except RetryableError as exc:
+                if exc.code != "lease_taken":
+                    raise
+                raise RetryableError(f"job {job_id} was just taken elsewhere", code="job_in_progress") from exc
         if current.owner != owner and current.expires_at > now:
             raise RetryableError(f"job {job_id} is running elsewhere ({current.owner})", code="job_in_progress",
                                  delay=min(current.expires_at - now, 900) + 1)

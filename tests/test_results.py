@@ -67,3 +67,13 @@ def test_takeover_of_a_lease_released_meanwhile_takes_the_free_lease(store, monk
                                                                    etag=stale.etag))
     lease = store.acquire("job3", "survivor", until=time.time() + 60)
     assert lease.owner == "survivor"
+
+
+def test_a_lease_retaken_between_our_read_and_write_is_a_wait_not_a_failure(store, monkeypatch):
+    """Our first write finds the lease held; our read finds it gone (released); by our second write a third
+    delivery holds it again. That is the job running elsewhere (a deferral), not an error of the job."""
+    store.acquire("job4", "other", until=time.time() + 60)
+    monkeypatch.setattr(store, "_read_lease", lambda job_id: None)
+    with pytest.raises(RetryableError) as err:
+        store.acquire("job4", "late", until=time.time() + 60)
+    assert err.value.code == "job_in_progress"
