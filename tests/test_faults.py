@@ -140,6 +140,22 @@ def test_same_job_sent_twice_one_transcription_one_callback(run_daemon, aws, ope
     assert openai_stub.count() == 1 and len(wordpress.terminal("job-dup")) == 1
 
 
+def test_a_duplicate_of_a_delivered_job_whose_recording_is_gone_is_still_a_duplicate(run_daemon, aws, openai_stub,
+                                                                                       wordpress):
+    """WordPress may delete the recording once it has the transcript; a late copy of the job must not turn
+    the finished job into a `failed` one (audio_not_found)."""
+    upload(aws, "audio/gone.wav")
+    send_job(aws, "job-gone", "audio/gone.wav")
+    rd = run_daemon()
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="job settled")
+    aws.s3.delete_object(Bucket=aws.bucket, Key="audio/gone.wav")
+    send_job(aws, "job-gone", "audio/gone.wav")
+    wait_for(lambda: rd.daemon.metrics.jobs.labels("duplicate")._value.get() >= 1, timeout=30, what="duplicate")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="the copy deleted")
+    assert [b["status"] for b in wordpress.terminal("job-gone")] == ["completed"]
+    assert aws.dlq_messages() == []
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_three_daemons_share_sixty_jobs(spawn_daemon, aws, openai_stub, wordpress):
