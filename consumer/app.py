@@ -110,9 +110,12 @@ def build_daemon(settings: Settings, *, sqs: SQSClient, s3: S3Client, transcribe
         dlq_url, max_receives = find_dlq(sqs, queue, settings)
     except ConsumerError as exc:
         raise ConfigError([f"SQS_QUEUE_URL: cannot read the queue: {exc.message}"]) from None
-    dlq = SqsQueue(sqs, dlq_url, on_request=lambda op: count.labels(op).inc()) if dlq_url else None
-    if dlq is None:
-        log.warning("no_dead_letter_queue_configured", extra={"hint": "set SQS_DLQ_URL or a RedrivePolicy"})
+    if dlq_url is None:
+        # Without one, a job that fails for good (and whose failure WordPress could not be told) would be
+        # deleted with nothing left but a log line.
+        raise ConfigError(["SQS_DLQ_URL: not set and the queue has no RedrivePolicy; the daemon needs a "
+                           "dead-letter queue for jobs that fail for good"])
+    dlq = SqsQueue(sqs, dlq_url, on_request=lambda op: count.labels(op).inc())
     stop = stop or threading.Event()
     gate = RateGate(stop, on_paused=metrics.backpressure_seconds.inc)
     pipeline = Pipeline(

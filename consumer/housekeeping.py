@@ -99,8 +99,6 @@ class Housekeeper:
 
     def _observe_depths(self) -> None:
         for name, q in (("main", self.worker.queue), ("dlq", self.worker.dlq)):
-            if q is None:
-                continue
             try:
                 visible, in_flight = q.counts()
             except ConsumerError as exc:

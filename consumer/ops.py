@@ -59,7 +59,9 @@ def dependency_checks(settings: Settings, sqs: SQSClient, s3: S3Client) -> list[
         q = SqsQueue(sqs, settings.sqs_queue_url or "")
         visible, in_flight = q.counts()
         policy = q.redrive_policy()
-        dlq = f"DLQ after {policy[1]} receives" if policy else "no RedrivePolicy"
+        if not policy and not settings.sqs_dlq_url:
+            raise ConfigError(["SQS_DLQ_URL: not set and the queue has no RedrivePolicy (`run` needs a DLQ)"])
+        dlq = f"DLQ after {policy[1]} receives" if policy else f"no RedrivePolicy, DLQ {settings.sqs_dlq_url}"
         return f"{visible} visible, {in_flight} in flight; {dlq}"
 
     def transcriber() -> str:

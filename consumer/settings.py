@@ -57,7 +57,9 @@ class Settings(BaseSettings):
 
     # --- queue
     sqs_queue_url: str | None = Field(None, description="URL of the job queue (required to run).")
-    sqs_dlq_url: str | None = Field(None, description="Dead-letter queue; found from RedrivePolicy if unset.")
+    sqs_dlq_url: str | None = Field(
+        None, description="Dead-letter queue; found from RedrivePolicy if unset (one of the two is required)."
+    )
     concurrency: int = Field(4, ge=1, le=64, description="Worker threads = jobs in flight per process.")
     visibility_timeout: int = Field(120, ge=2, le=SQS_MAX_VISIBILITY, description="Seconds a job is hidden.")
     heartbeat_interval: float | None = Field(

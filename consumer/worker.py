@@ -54,7 +54,7 @@ class InFlight:
 class Worker:
     """Consumes one queue with a bounded pool of threads until stopped (or drained)."""
 
-    def __init__(self, *, settings: Settings, queue: SqsQueue, dlq: SqsQueue | None, max_receive_count: int | None,
+    def __init__(self, *, settings: Settings, queue: SqsQueue, dlq: SqsQueue, max_receive_count: int | None,
                  pipeline: Pipeline, metrics: Metrics, notifier: Notifier | None = None,
                  stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random) -> None:
@@ -311,10 +311,6 @@ class Worker:
 
     def _dead_letter(self, message: Message, error: ConsumerError) -> None:
         """Copy the message to the DLQ with why it failed, then delete it from the source."""
-        if self.dlq is None:
-            log.error("no_dead_letter_queue", extra={"message_id": message.message_id})
-            self.deleter.delete(message)
-            return
         extra = {"error_code": error.code, "error_message": error.message[:1000],
                  "failed_at": str(int(time.time())), "source_message_id": message.message_id,
                  "receive_count": str(message.receive_count)}

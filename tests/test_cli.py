@@ -71,6 +71,18 @@ def test_check_fails_with_a_mark_per_failure(env, tmp_path):
     assert any("S3 bucket" in f for f in fails) and any("callback" in f for f in fails)
 
 
+def test_a_queue_without_a_dead_letter_queue_is_refused(aws, env, tmp_path):
+    """Nowhere to put a job that fails for good: `run` refuses to start, `check` says why."""
+    bare = aws.sqs.create_queue(QueueName=f"no-dlq-{os.getpid()}")["QueueUrl"]
+    bare_env = {**env, "SQS_QUEUE_URL": bare, "SQS_DLQ_URL": ""}
+    out = sidecar("run", env=bare_env, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "configuration error: SQS_DLQ_URL: not set and the queue has no RedrivePolicy" in out.stderr
+    out = sidecar("check", env=bare_env, cwd=tmp_path)
+    assert out.returncode == 1
+    assert any(line.startswith("[FAIL]") and "SQS_DLQ_URL" in line for line in out.stdout.splitlines())
+
+
 def test_dlq_ls_redrive_purge(aws, env, tmp_path, run_daemon, wordpress):
     for i in range(3):
         send_job(aws, f"dead-{i}", "audio/missing.wav")

@@ -193,4 +193,3 @@ def test_daemon_runs_against_the_stack_queues(moto_server: MotoServer, spawn_dae
     assert attrs["error_code"] == "audio_not_found"
     assert json.loads(dead["Body"])["job_id"] == "cfn-missing"
     wait_for(lambda: made.counts() == (0, 0), timeout=30, what="the stack's job queue empty")
-    assert not daemon.events("no_dead_letter_queue_configured")
