@@ -3,7 +3,7 @@
 #
 #   docker build -t salestrainer-sidecar .                          # OpenAI transcription only
 #   docker build -t salestrainer-sidecar --build-arg EXTRAS=local . # + faster-whisper (large image)
-#   docker run --env-file prod.env -p 127.0.0.1:9002:9002 --stop-timeout 90 salestrainer-sidecar
+#   docker run --env-file prod.env -p 127.0.0.1:9002:9002 --stop-timeout 120 salestrainer-sidecar
 #
 # No configuration or secret is baked in: every setting comes from the environment at run time
 # (see .env.example). Give the container a stop timeout above SHUTDOWN_GRACE (60 s): Docker's default

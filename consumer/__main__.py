@@ -51,7 +51,14 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
     port = daemon.serve(host=settings.metrics_host, port=settings.metrics_port).port
     log.info("metrics_listening", extra={"host": settings.metrics_host, "port": port})
     install_signal_handlers(daemon.worker)
-    return daemon.run(drain=getattr(args, "drain", False))
+    status = daemon.run(drain=getattr(args, "drain", False))
+    # Done: every message is settled or handed back. A job released at shutdown may still have threads
+    # waiting on OpenAI (a chunk pool's threads are not daemon threads, so the interpreter would wait up
+    # to TRANSCRIBE_TIMEOUT for them, past systemd's TimeoutStopSec); nothing they could do is wanted.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from consumer.settings import SQS_MAX_VISIBILITY
 if TYPE_CHECKING:
     from consumer.pipeline import Attempt
     from consumer.sqs import Message
-    from consumer.worker import Worker
+    from consumer.worker import InFlight, Worker
 
 log = logging.getLogger("consumer.worker")
 STATUS_EVERY = 10.0  # seconds between STATUS= updates to systemd
@@ -38,7 +38,8 @@ class Housekeeper:
         next_depth = self.worker.clock()
         # Lease renewals (S3) and depth polls go to their own threads: a slow S3 or a slow
         # GetQueueAttributes must not delay the visibility extensions or the watchdog.
-        io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping-io")
+        # One thread per job and one for the depths, so one hung renewal cannot starve the others.
+        io = ThreadPoolExecutor(max_workers=self.settings.concurrency + 1, thread_name_prefix="housekeeping-io")
         busy: set[str] = set()
 
         def once(key: str, fn: Callable[[], None]) -> None:
@@ -72,20 +73,34 @@ class Housekeeper:
     def _heartbeat(self, now: float) -> list[Attempt]:
         """Extend the visibility of every job due for it (batched); returns those jobs."""
         due: list[tuple[Message, int]] = []
+        on_wire: list[InFlight] = []
         extended: list[Attempt] = []
         with self.worker.cond:
             for f in self.worker.inflight.values():
-                if f.released or now - f.extended < self.settings.heartbeat_every:
+                # A settling or released message gets its visibility from the worker; ours would undo it.
+                if f.released or f.settling or now - f.extended < self.settings.heartbeat_every:
                     continue
                 f.extended = now
                 extended.append(f.attempt)
                 # SQS caps a message's total invisibility at 12 h from its receipt.
                 seconds = min(self.settings.visibility_timeout, int(SQS_MAX_VISIBILITY - (now - f.received)) - 1)
                 if seconds > 0:
+                    f.extending = True
+                    on_wire.append(f)
                     due.append((f.message, seconds))
                 else:
                     self.metrics.heartbeats.labels("failed").inc()
                     log.warning("visibility_cap_reached", extra={"message_id": f.message.message_id})
+        try:
+            self._extend(due)
+        finally:
+            with self.worker.cond:
+                for f in on_wire:
+                    f.extending = False
+                self.worker.cond.notify_all()
+        return extended
+
+    def _extend(self, due: list[tuple[Message, int]]) -> None:
         for i in range(0, len(due), 10):
             batch = due[i:i + 10]
             try:
@@ -95,7 +110,6 @@ class Housekeeper:
                 log.warning("heartbeat_failed", extra={"error": str(exc)})
             self.metrics.heartbeats.labels("ok").inc(len(batch) - len(failed))
             self.metrics.heartbeats.labels("failed").inc(len(failed))
-        return extended
 
     def _observe_depths(self) -> None:
         for name, q in (("main", self.worker.queue), ("dlq", self.worker.dlq)):

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from consumer.sqs import Message
 
 HOST = socket.gethostname()
+CANCELLED = {"shutting_down": "the message was handed back at shutdown",
+             "job_in_progress": "the job's lease was taken over by another delivery"}
 
 
 @dataclass
@@ -56,6 +58,9 @@ class Attempt:
     source: Literal["api", "cached"] | None = None
     audio_seconds: float = 0.0
     model: str | None = None
+    # Set from another thread when this attempt must not start another stage: "shutting_down" (the
+    # worker handed the message back at shutdown) or "job_in_progress" (another delivery took the lease).
+    cancelled: str | None = None
 
     @property
     def job_id(self) -> str | None:
@@ -111,7 +116,10 @@ class Pipeline:
             return True
         try:
             renewed = self.results.renew(lease, until=until)
-        except ConsumerError:
+        except ConsumerError as exc:
+            if exc.code == "lease_taken" and attempt.lease is lease:
+                # Someone else runs the job now: storing or calling back from here would do it twice.
+                attempt.cancelled = "job_in_progress"
             return False
         if attempt.lease is lease:  # not released by the worker while we renewed
             attempt.lease = renewed
@@ -120,6 +128,8 @@ class Pipeline:
     @contextmanager
     def _stage(self, attempt: Attempt, name: str) -> Iterator[None]:
         attempt.stage = name
+        if attempt.cancelled:  # checked between stages: a running request is not torn down mid-way
+            raise RetryableError(f"stopped before {name}: {CANCELLED[attempt.cancelled]}", code=attempt.cancelled)
         start = time.monotonic()
         try:
             yield

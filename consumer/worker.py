@@ -37,14 +37,20 @@ DEFERRALS = frozenset({"job_in_progress", "shutting_down"})
 MAX_SEND_DELAY = 900  # SQS DelaySeconds cap
 RECEIVE_ERROR_BACKOFF = (1.0, 30.0)  # first and longest pause after a failed ReceiveMessage
 REJECTED_BODY_CHARS = 200  # enough to recognise a bad message in the log, not enough to flood it
+HEARTBEAT_WAIT = 10.0  # longest wait for a heartbeat on the wire before changing the same message's visibility
+POLL_JOIN_MARGIN = 5.0  # beyond POLL_WAIT_SECONDS, for the last long poll to come back at shutdown
 
 
 @dataclass
 class InFlight:
+    """A message between receipt and settlement. The flags are read and written under `Worker.cond`."""
+
     attempt: Attempt
     received: float
     extended: float
-    released: bool = False
+    released: bool = False  # handed back at shutdown: another instance owns it now
+    settling: bool = False  # its worker is settling it: shutdown and heartbeats leave it alone
+    extending: bool = False  # a heartbeat for it is on the wire
 
     @property
     def message(self) -> Message:
@@ -89,11 +95,18 @@ class Worker:
         log.info("daemon_started", extra={"version": __version__, "concurrency": self.settings.concurrency,
                                           "queue_url": self.queue.url})
         self.stop.wait()
+        stopped_at = self.clock()
         self.notifier.stopping("stopping: finishing in-flight jobs")
         log.info("shutdown_started", extra={"in_flight": self.in_flight, "grace_s": self.settings.shutdown_grace})
         finished = self._wait_idle(self.settings.shutdown_grace)
         if not finished:
-            self._release_all()
+            released = self._release_all()
+            log.info("grace_expired", extra={"released": released, "settling": self.in_flight - released})
+            # A job already being settled (say, its failure callback on the wire) is finished, not released.
+            self._wait_settled(self.settings.callback_timeout)
+        # The last long poll may still return messages: the poller hands them back (it sees `stop`), but
+        # only while this process lives. Left behind, each would stay hidden for VISIBILITY_TIMEOUT.
+        poller.join(max(0.0, stopped_at + self.settings.poll_wait_seconds + POLL_JOIN_MARGIN - self.clock()))
         for _ in range(self.settings.concurrency):
             self._handoff.put(None)
         self.done.set()
@@ -127,16 +140,37 @@ class Worker:
                 self.cond.wait(min(left, 0.5))
         return True
 
-    def _release_all(self) -> None:
+    def _wait_settled(self, timeout: float) -> bool:
+        deadline = self.clock() + timeout
         with self.cond:
-            pending = [f for f in self.inflight.values() if not f.released]
+            while any(f.settling for f in self.inflight.values()):
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.5))
+        return True
+
+    def _await_heartbeats(self, entries: list[InFlight]) -> None:
+        """Wait (holding `cond`, bounded) until no heartbeat for these entries is on the wire: one landing
+        after a visibility change of ours would undo it."""
+        deadline = self.clock() + HEARTBEAT_WAIT
+        while any(f.extending for f in entries) and (left := deadline - self.clock()) > 0:
+            self.cond.wait(min(left, 0.5))
+
+    def _release_all(self) -> int:
+        """Hand back every job not being settled yet; returns how many."""
+        with self.cond:
+            pending = [f for f in self.inflight.values() if not f.released and not f.settling]
             for f in pending:
                 f.released = True
+                f.attempt.cancelled = "shutting_down"  # it starts no further stage: no store, no callback
+            self._await_heartbeats(pending)
         for f in pending:
             # The lease too, or the instance that takes the message over would only meet it and wait.
             self.pipeline.release_lease(f.attempt)
             self._give_back(f.message)
             log.info("job_released", extra={"message_id": f.message.message_id})
+        return len(pending)
 
     # ------------------------------------------------------------------ poller
 
@@ -228,8 +262,11 @@ class Worker:
         message = attempt.message
         with self.cond:
             entry = self.inflight.get(message.receipt_handle)
-            if entry and entry.released:
-                return  # shutdown already handed it back; another instance owns it now
+            if entry:
+                if entry.released:
+                    return  # shutdown already handed it back; another instance owns it now
+                entry.settling = True
+                self._await_heartbeats([entry])
         for stage, seconds in attempt.durations.items():
             self.metrics.stage_duration.labels(stage).observe(seconds)
         self.metrics.job_duration.observe(time.monotonic() - attempt.started)
@@ -294,7 +331,9 @@ class Worker:
             try:
                 reported = self.pipeline.report_failure(attempt, error)
             except RetryableError as cb_error:
-                if not self._last_attempt(attempt.message):  # keep the job until WordPress can be told
+                # Keep the job until WordPress can be told; a deferral (the job runs elsewhere now, or
+                # this daemon is stopping) is never a reason to give up on telling it.
+                if cb_error.code in DEFERRALS or not self._last_attempt(attempt.message):
                     self._retry(attempt, cb_error)
                     return
             except PermanentError as cb_error:

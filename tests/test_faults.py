@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 
 import pytest
 
@@ -250,3 +252,76 @@ def test_a_waiting_copy_on_its_last_receive_is_resent_not_dead_lettered(moto_ser
     wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="queue empty")
     assert [b["status"] for b in wordpress.terminal("job-last")] == ["completed"]
     assert openai_stub.count() == 1 and aws.dlq_messages() == []
+
+
+@pytest.mark.e2e
+def test_sigterm_past_the_grace_lets_a_failure_callback_on_the_wire_finish(spawn_daemon, aws, wordpress):
+    """A job being settled when the grace runs out is not handed back (another instance would run it
+    again and WordPress would hear twice): its callback finishes, then it is dead-lettered."""
+    wordpress.hold = True
+    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1"})
+    daemon.wait_ready()
+    send_job(aws, "job-settling", "audio/does-not-exist.wav")
+    wait_for(lambda: wordpress.held == 1, timeout=30, what="the failure callback on the wire")
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.events("grace_expired"), timeout=30, what="the grace over")
+    wordpress.release.set()
+    assert daemon.proc.wait(30) == 0
+    assert not daemon.events("job_released")
+    assert [b["status"] for b in wordpress.terminal("job-settling")] == ["failed"]
+    [dead] = wait_for(lambda: aws.dlq_messages(), timeout=10, what="dead letter")
+    assert dead["MessageAttributes"]["error_code"]["StringValue"] == "audio_not_found"
+    assert aws.counts() == (0, 0)
+
+
+def test_a_job_released_at_shutdown_stores_nothing_and_never_calls_back(run_daemon, aws, openai_stub, wordpress):
+    """Handed back at shutdown, the job belongs to whoever receives it next: the transcription that was
+    already on the wire may still come back, but it is neither stored nor sent to WordPress."""
+    upload(aws, "audio/rel.wav")
+    openai_stub.latency = 60
+    send_job(aws, "job-rel", "audio/rel.wav")
+    rd = run_daemon(shutdown_grace=0.2)
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    assert rd.stop() == 0
+    wait_for(lambda: aws.counts() == (1, 0), timeout=10, what="the message handed back")
+    openai_stub.release.set()  # the transcription comes back after all
+    wait_for(lambda: not rd.worker.inflight, timeout=30, what="the released worker done")
+    assert wordpress.received == []
+    assert "Contents" not in aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix="transcripts/job-rel.json")
+
+
+def test_a_job_whose_lease_is_taken_over_stops_before_storing(run_daemon, aws, openai_stub, wordpress):
+    """When a renewal finds the lease in other hands, the job runs elsewhere now: this delivery stores
+    nothing, calls nobody back, and waits like any copy that meets a held lease."""
+    upload(aws, "audio/taken.wav")
+    openai_stub.latency = 60
+    send_job(aws, "job-taken", "audio/taken.wav")
+    rd = run_daemon(visibility_timeout=3, retry_base_delay=30, retry_max_delay=30)
+    wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
+    [entry] = list(rd.worker.inflight.values())
+    other = {"job_id": "job-taken", "owner": "elsewhere", "expires_at": time.time() + 600}
+    aws.s3.put_object(Bucket=aws.bucket, Key="transcripts/job-taken.lease", Body=json.dumps(other).encode())
+    wait_for(lambda: entry.attempt.cancelled == "job_in_progress", timeout=30, what="the renewal finds it taken")
+    openai_stub.release.set()
+    wait_for(lambda: rd.daemon.metrics.jobs.labels("retried")._value.get() == 1, timeout=30, what="deferred")
+    assert rd.daemon.metrics.errors.labels("store", "job_in_progress")._value.get() == 1
+    assert wordpress.received == []
+    assert "Contents" not in aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix="transcripts/job-taken.json")
+    lease = json.loads(aws.s3.get_object(Bucket=aws.bucket, Key="transcripts/job-taken.lease")["Body"].read())
+    assert lease["owner"] == "elsewhere"  # not released from under its holder
+
+
+def test_the_last_long_poll_at_shutdown_hands_its_messages_back(run_daemon, aws, openai_stub, wordpress):
+    """A message that the long poll still out at shutdown brings back is made visible again before the
+    daemon exits, instead of staying hidden for VISIBILITY_TIMEOUT (and spending a receive)."""
+    rd = run_daemon(poll_wait_seconds=6, visibility_timeout=600)
+    polls = rd.daemon.metrics.sqs_requests.labels("ReceiveMessage")
+    wait_for(lambda: polls._value.get() >= 1, timeout=10, what="a long poll under way")
+    rd.worker.request_stop()
+    # Sent after the stop and delayed, so only the poll already out can receive it, after the stop.
+    body = json.dumps({"job_id": "job-late", "s3_key": "audio/late.wav"})
+    aws.sqs.send_message(QueueUrl=aws.queue_url, MessageBody=body, DelaySeconds=2)
+    rd.thread.join(30)
+    assert not rd.thread.is_alive()
+    assert aws.counts() == (1, 0)  # visible at once, not in flight
+    assert wordpress.received == []

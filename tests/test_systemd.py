@@ -100,8 +100,10 @@ def test_lifecycle_directives() -> None:
     assert d["ExecStart"] == ["/opt/salestrainer-sidecar/%i/.venv/bin/sidecar run"]
     # The daemon pings only while polling, and one poll may take POLL_WAIT_SECONDS (≤ 20 s).
     assert _seconds(d["WatchdogSec"][0]) > 2 * Settings.model_fields["poll_wait_seconds"].default
-    # SIGTERM gives in-flight jobs SHUTDOWN_GRACE; systemd must not SIGKILL them before that.
-    assert _seconds(d["TimeoutStopSec"][0]) > Settings.model_fields["shutdown_grace"].default
+    # SIGTERM gives in-flight jobs SHUTDOWN_GRACE, then a callback already on the wire CALLBACK_TIMEOUT;
+    # systemd must not SIGKILL them before that.
+    stop = Settings.model_fields["shutdown_grace"].default + Settings.model_fields["callback_timeout"].default
+    assert _seconds(d["TimeoutStopSec"][0]) > stop
     assert d["User"] == ["salestrainer"]
     assert d["Group"] == ["www-data"]
 

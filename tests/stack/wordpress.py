@@ -25,12 +25,18 @@ class Callback:
 
 
 class WordPressStub:
-    """Answers 200 unless `statuses` holds canned answers (served first, in order)."""
+    """Answers 200 unless `statuses` holds canned answers (served first, in order).
+
+    With `hold` set, every callback waits (counted in `held`) until `release` is set: a callback on the wire.
+    """
 
     def __init__(self) -> None:
         self.received: list[Callback] = []
         self.statuses: deque[int] = deque()
         self.lock = threading.Lock()
+        self.hold = False
+        self.held = 0
+        self.release = threading.Event()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,6 +44,10 @@ class WordPressStub:
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if stub.hold:
+                    with stub.lock:
+                        stub.held += 1
+                    stub.release.wait(60)
                 with stub.lock:
                     status = stub.statuses.popleft() if stub.statuses else 200
                     stub.received.append(Callback(self.path, {k.lower(): v for k, v in self.headers.items()},
@@ -63,6 +73,7 @@ class WordPressStub:
         return self
 
     def stop(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
