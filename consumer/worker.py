@@ -106,7 +106,11 @@ class Worker:
             self._wait_settled(self.settings.callback_timeout)
         # The last long poll may still return messages: the poller hands them back (it sees `stop`), but
         # only while this process lives. Left behind, each would stay hidden for VISIBILITY_TIMEOUT.
-        poller.join(max(0.0, stopped_at + self.settings.poll_wait_seconds + POLL_JOIN_MARGIN - self.clock()))
+        poll_left = max(0.0, stopped_at + self.settings.poll_wait_seconds + POLL_JOIN_MARGIN - self.clock())
+        if poller.is_alive() and poll_left > 0:
+            log.info("waiting_for_last_poll", extra={"up_to_s": round(poll_left, 1),
+                                                     "hint": "a second signal exits at once"})
+            poller.join(poll_left)
         for _ in range(self.settings.concurrency):
             self._handoff.put(None)
         self.done.set()
