@@ -77,8 +77,8 @@ class Housekeeper:
         extended: list[Attempt] = []
         with self.worker.cond:
             for f in self.worker.inflight.values():
-                # A settling or released message gets its visibility from the worker; ours would undo it.
-                if f.released or f.settling or now - f.extended < self.settings.heartbeat_every:
+                # A released or hushed message gets its visibility from the worker; ours would undo it.
+                if f.released or f.quiet or now - f.extended < self.settings.heartbeat_every:
                     continue
                 f.extended = now
                 extended.append(f.attempt)

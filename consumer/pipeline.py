@@ -7,6 +7,9 @@ Stages return values or raise ConsumerError; the pipeline never touches SQS and 
 happens to a message (that is `worker.Worker.settle`). Everything after validation runs under the job's
 lease (results.py), so two deliveries of one job never run at once, on any host. Per-stage timings are
 recorded on the `Attempt` so the worker can observe them.
+
+Another thread may cancel an attempt (shutdown hands its message back; a renewal finds its lease taken):
+it then starts no further stage. The callback stage commits it instead: from there on it finishes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,13 +62,32 @@ class Attempt:
     source: Literal["api", "cached"] | None = None
     audio_seconds: float = 0.0
     model: str | None = None
-    # Set from another thread when this attempt must not start another stage: "shutting_down" (the
-    # worker handed the message back at shutdown) or "job_in_progress" (another delivery took the lease).
+    # Why this attempt must start no further stage, set from another thread: "shutting_down" (the worker
+    # hands the message back at shutdown) or "job_in_progress" (another delivery took the lease over).
     cancelled: str | None = None
+    # Set when the callback is about to go out: past that point the attempt is finished, never cancelled
+    # (WordPress may already have heard; a second instance would make it hear twice).
+    committed: bool = False
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def job_id(self) -> str | None:
         return self.job.job_id if self.job else None
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the attempt at its next stage; False when it is committed already (it will finish)."""
+        with self._guard:
+            if self.committed:
+                return False
+            self.cancelled = self.cancelled or reason
+            return True
+
+    def commit(self) -> None:
+        """Pass the point of no return, unless cancelled (then raise the deferral it was cancelled for)."""
+        with self._guard:
+            if self.cancelled:
+                raise RetryableError(f"stopped: {CANCELLED[self.cancelled]}", code=self.cancelled)
+            self.committed = True
 
     @property
     def owner(self) -> str:
@@ -119,7 +142,7 @@ class Pipeline:
         except ConsumerError as exc:
             if exc.code == "lease_taken" and attempt.lease is lease:
                 # Someone else runs the job now: storing or calling back from here would do it twice.
-                attempt.cancelled = "job_in_progress"
+                attempt.cancel("job_in_progress")
             return False
         if attempt.lease is lease:  # not released by the worker while we renewed
             attempt.lease = renewed
@@ -128,7 +151,9 @@ class Pipeline:
     @contextmanager
     def _stage(self, attempt: Attempt, name: str) -> Iterator[None]:
         attempt.stage = name
-        if attempt.cancelled:  # checked between stages: a running request is not torn down mid-way
+        if name == "callback":
+            attempt.commit()
+        elif attempt.cancelled:  # checked between stages: a running request is not torn down mid-way
             raise RetryableError(f"stopped before {name}: {CANCELLED[attempt.cancelled]}", code=attempt.cancelled)
         start = time.monotonic()
         try:

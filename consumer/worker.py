@@ -8,6 +8,8 @@ Threads of one process:
 
 Shutdown is two-phase, sized to systemd's TimeoutStopSec: stop receiving at once, give in-flight jobs
 SHUTDOWN_GRACE seconds, then release what is left (visibility 0) so another instance takes it at once.
+A job whose callback is already on the wire, or that is being settled, is not released but finished
+(up to CALLBACK_TIMEOUT more): released, WordPress could hear of it twice.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ MAX_SEND_DELAY = 900  # SQS DelaySeconds cap
 RECEIVE_ERROR_BACKOFF = (1.0, 30.0)  # first and longest pause after a failed ReceiveMessage
 REJECTED_BODY_CHARS = 200  # enough to recognise a bad message in the log, not enough to flood it
 HEARTBEAT_WAIT = 10.0  # longest wait for a heartbeat on the wire before changing the same message's visibility
+SETTLE_MARGIN = 15.0  # at shutdown, beyond CALLBACK_TIMEOUT, for a settling job's DLQ send and delete
 POLL_JOIN_MARGIN = 5.0  # beyond POLL_WAIT_SECONDS, for the last long poll to come back at shutdown
 
 
@@ -49,7 +52,8 @@ class InFlight:
     received: float
     extended: float
     released: bool = False  # handed back at shutdown: another instance owns it now
-    settling: bool = False  # its worker is settling it: shutdown and heartbeats leave it alone
+    settling: bool = False  # its worker is settling it: shutdown leaves it to finish
+    quiet: bool = False  # its worker changes its visibility or deletes it: no more heartbeats
     extending: bool = False  # a heartbeat for it is on the wire
 
     @property
@@ -102,8 +106,8 @@ class Worker:
         if not finished:
             released = self._release_all()
             log.info("grace_expired", extra={"released": released, "settling": self.in_flight - released})
-            # A job already being settled (say, its failure callback on the wire) is finished, not released.
-            self._wait_settled(self.settings.callback_timeout)
+            # A job whose callback is on the wire, or that is being settled, is finished, not released.
+            self._wait_finishing(self.settings.callback_timeout + SETTLE_MARGIN)
         # The last long poll may still return messages: the poller hands them back (it sees `stop`), but
         # only while this process lives. Left behind, each would stay hidden for VISIBILITY_TIMEOUT.
         poll_left = max(0.0, stopped_at + self.settings.poll_wait_seconds + POLL_JOIN_MARGIN - self.clock())
@@ -144,10 +148,10 @@ class Worker:
                 self.cond.wait(min(left, 0.5))
         return True
 
-    def _wait_settled(self, timeout: float) -> bool:
+    def _wait_finishing(self, timeout: float) -> bool:
         deadline = self.clock() + timeout
         with self.cond:
-            while any(f.settling for f in self.inflight.values()):
+            while any(not f.released for f in self.inflight.values()):
                 left = deadline - self.clock()
                 if left <= 0:
                     return False
@@ -164,10 +168,13 @@ class Worker:
     def _release_all(self) -> int:
         """Hand back every job not being settled yet; returns how many."""
         with self.cond:
-            pending = [f for f in self.inflight.values() if not f.released and not f.settling]
-            for f in pending:
-                f.released = True
-                f.attempt.cancelled = "shutting_down"  # it starts no further stage: no store, no callback
+            pending = []
+            for f in self.inflight.values():
+                # Not one being settled, nor one whose callback is on the wire (cancel says no): those finish.
+                if f.released or f.settling or not f.attempt.cancel("shutting_down"):
+                    continue
+                f.released = True  # and cancelled: it starts no further stage, so no store and no callback
+                pending.append(f)
             self._await_heartbeats(pending)
         for f in pending:
             # The lease too, or the instance that takes the message over would only meet it and wait.
@@ -219,12 +226,14 @@ class Worker:
         now = self.clock()
         if message.sent_timestamp:
             self.metrics.message_age.observe(max(0.0, time.time() - message.sent_timestamp))
-        if self.stop.is_set():  # received during shutdown: give it straight back
+        attempt = Attempt(message=message, visible_until=time.time() + self.settings.visibility_timeout)
+        with self.cond:  # under the lock shutdown's wait for idle takes: either it sees the job, or we see `stop`
+            stopping = self.stop.is_set()
+            if not stopping:
+                self.inflight[message.receipt_handle] = InFlight(attempt, received=now, extended=now)
+        if stopping:  # received during shutdown: give it straight back
             self._give_back(message)
             return
-        attempt = Attempt(message=message, visible_until=time.time() + self.settings.visibility_timeout)
-        with self.cond:
-            self.inflight[message.receipt_handle] = InFlight(attempt, received=now, extended=now)
         self.metrics.in_progress.inc()
         log.info("message_received", extra={"message_id": message.message_id,
                                             "receive_count": message.receive_count})
@@ -270,11 +279,11 @@ class Worker:
                 if entry.released:
                     return  # shutdown already handed it back; another instance owns it now
                 entry.settling = True
-                self._await_heartbeats([entry])
         for stage, seconds in attempt.durations.items():
             self.metrics.stage_duration.labels(stage).observe(seconds)
         self.metrics.job_duration.observe(time.monotonic() - attempt.started)
         if error is None:
+            self._hush(message)
             self.deleter.delete(message)
             outcome = attempt.outcome or "completed"
             if outcome == "completed":
@@ -300,7 +309,17 @@ class Worker:
         ceiling = min(s.retry_max_delay, s.retry_base_delay * 2 ** max(0, receive_count - 1))
         return int(ceiling / 2 + self.rng() * ceiling / 2)  # "equal jitter": spread, but never near zero
 
+    def _hush(self, message: Message) -> None:
+        """No more heartbeats for this message, and none still on the wire: one landing after our
+        visibility change would undo it. Until now they went on (a failure callback may take a while)."""
+        with self.cond:
+            entry = self.inflight.get(message.receipt_handle)
+            if entry:
+                entry.quiet = True
+                self._await_heartbeats([entry])
+
     def _retry(self, attempt: Attempt, error: RetryableError) -> None:
+        self._hush(attempt.message)
         delay = self.backoff(attempt.message.receive_count, error)
         if self._last_attempt(attempt.message):  # only deferrals get here: keep the job alive, fresh
             self._requeue(attempt.message, delay)
@@ -349,6 +368,7 @@ class Worker:
             self.metrics.rejected.labels(error.code).inc()
             more["body"] = attempt.message.body[:REJECTED_BODY_CHARS]
             more["job_hint"] = error.job_id
+        self._hush(attempt.message)
         self._dead_letter(attempt.message, error)
         self._outcome(attempt, "failed" if reported else "dead_lettered", error=error, **more)
 

@@ -259,7 +259,7 @@ def test_sigterm_past_the_grace_lets_a_failure_callback_on_the_wire_finish(spawn
     """A job being settled when the grace runs out is not handed back (another instance would run it
     again and WordPress would hear twice): its callback finishes, then it is dead-lettered."""
     wordpress.hold = True
-    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1"})
+    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1", "CALLBACK_TIMEOUT": "60"})
     daemon.wait_ready()
     send_job(aws, "job-settling", "audio/does-not-exist.wav")
     wait_for(lambda: wordpress.held == 1, timeout=30, what="the failure callback on the wire")
@@ -272,6 +272,42 @@ def test_sigterm_past_the_grace_lets_a_failure_callback_on_the_wire_finish(spawn
     [dead] = wait_for(lambda: aws.dlq_messages(), timeout=10, what="dead letter")
     assert dead["MessageAttributes"]["error_code"]["StringValue"] == "audio_not_found"
     assert aws.counts() == (0, 0)
+
+
+@pytest.mark.e2e
+def test_sigterm_past_the_grace_lets_a_completed_callback_on_the_wire_finish(spawn_daemon, aws, openai_stub,
+                                                                             wordpress):
+    """Likewise a job whose `completed` callback is on the wire: it is finished and deleted, not handed
+    back for another instance to call back a second time."""
+    upload(aws, "audio/wire.wav")
+    wordpress.hold = True
+    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1", "CALLBACK_TIMEOUT": "60"})
+    daemon.wait_ready()
+    send_job(aws, "job-wire", "audio/wire.wav")
+    wait_for(lambda: wordpress.held == 1, timeout=30, what="the completed callback on the wire")
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.events("grace_expired"), timeout=30, what="the grace over")
+    wordpress.release.set()
+    assert daemon.proc.wait(30) == 0
+    assert not daemon.events("job_released")
+    assert [b["status"] for b in wordpress.terminal("job-wire")] == ["completed"]
+    assert aws.counts() == (0, 0)
+
+
+def test_heartbeats_go_on_while_a_failure_callback_is_slow(run_daemon, aws, wordpress):
+    """Settling a failed job starts with its callback, which may take a while: the message stays hidden
+    meanwhile (no second delivery, no second `failed` callback)."""
+    wordpress.hold = True
+    rd = run_daemon(visibility_timeout=30, heartbeat_interval=1, callback_timeout=60)
+    send_job(aws, "job-slowcb", "audio/does-not-exist.wav")
+    wait_for(lambda: wordpress.held == 1, timeout=30, what="the failure callback on the wire")
+    beats = rd.daemon.metrics.heartbeats.labels("ok")
+    seen = beats._value.get()
+    wait_for(lambda: beats._value.get() >= seen + 3, timeout=30, what="heartbeats during the callback")
+    wordpress.release.set()
+    wait_for(lambda: aws.dlq_messages(), timeout=30, what="dead letter")
+    wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="source queue empty")
+    assert wordpress.held == 1 and [b["status"] for b in wordpress.terminal("job-slowcb")] == ["failed"]
 
 
 def test_a_job_released_at_shutdown_stores_nothing_and_never_calls_back(run_daemon, aws, openai_stub, wordpress):
@@ -296,7 +332,7 @@ def test_a_job_whose_lease_is_taken_over_stops_before_storing(run_daemon, aws, o
     upload(aws, "audio/taken.wav")
     openai_stub.latency = 60
     send_job(aws, "job-taken", "audio/taken.wav")
-    rd = run_daemon(visibility_timeout=3, retry_base_delay=30, retry_max_delay=30)
+    rd = run_daemon(visibility_timeout=30, heartbeat_interval=1, retry_base_delay=30, retry_max_delay=30)
     wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
     [entry] = list(rd.worker.inflight.values())
     other = {"job_id": "job-taken", "owner": "elsewhere", "expires_at": time.time() + 600}
@@ -314,13 +350,13 @@ def test_a_job_whose_lease_is_taken_over_stops_before_storing(run_daemon, aws, o
 def test_the_last_long_poll_at_shutdown_hands_its_messages_back(run_daemon, aws, openai_stub, wordpress):
     """A message that the long poll still out at shutdown brings back is made visible again before the
     daemon exits, instead of staying hidden for VISIBILITY_TIMEOUT (and spending a receive)."""
-    rd = run_daemon(poll_wait_seconds=6, visibility_timeout=600)
+    rd = run_daemon(poll_wait_seconds=15, visibility_timeout=600)
     polls = rd.daemon.metrics.sqs_requests.labels("ReceiveMessage")
     wait_for(lambda: polls._value.get() >= 1, timeout=10, what="a long poll under way")
     rd.worker.request_stop()
     # Sent after the stop and delayed, so only the poll already out can receive it, after the stop.
     body = json.dumps({"job_id": "job-late", "s3_key": "audio/late.wav"})
-    aws.sqs.send_message(QueueUrl=aws.queue_url, MessageBody=body, DelaySeconds=2)
+    aws.sqs.send_message(QueueUrl=aws.queue_url, MessageBody=body, DelaySeconds=1)
     rd.thread.join(30)
     assert not rd.thread.is_alive()
     assert aws.counts() == (1, 0)  # visible at once, not in flight

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from consumer.settings import Settings
+from consumer.worker import SETTLE_MARGIN
 from tests.stack import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,9 +101,10 @@ def test_lifecycle_directives() -> None:
     assert d["ExecStart"] == ["/opt/salestrainer-sidecar/%i/.venv/bin/sidecar run"]
     # The daemon pings only while polling, and one poll may take POLL_WAIT_SECONDS (≤ 20 s).
     assert _seconds(d["WatchdogSec"][0]) > 2 * Settings.model_fields["poll_wait_seconds"].default
-    # SIGTERM gives in-flight jobs SHUTDOWN_GRACE, then a callback already on the wire CALLBACK_TIMEOUT;
-    # systemd must not SIGKILL them before that.
-    stop = Settings.model_fields["shutdown_grace"].default + Settings.model_fields["callback_timeout"].default
+    # SIGTERM gives in-flight jobs SHUTDOWN_GRACE, then a callback already on the wire CALLBACK_TIMEOUT and
+    # its settling SETTLE_MARGIN; systemd must not SIGKILL them before that.
+    fields = Settings.model_fields
+    stop = fields["shutdown_grace"].default + fields["callback_timeout"].default + SETTLE_MARGIN
     assert _seconds(d["TimeoutStopSec"][0]) > stop
     assert d["User"] == ["salestrainer"]
     assert d["Group"] == ["www-data"]
