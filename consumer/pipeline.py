@@ -5,7 +5,8 @@
 
 Stages return values or raise ConsumerError; the pipeline never touches SQS and never decides what
 happens to a message (that is `worker.Worker.settle`). Everything after validation runs under the job's
-lease (results.py), so two deliveries of one job never run at once, on any host. Per-stage timings are
+lease (results.py), taken after validation and given up by the worker once the message is settled, so
+two deliveries of one job never run at once, on any host. Per-stage timings are
 recorded on the `Attempt` so the worker can observe them.
 
 Another thread may cancel an attempt (shutdown hands its message back; a renewal finds its lease taken):
@@ -116,15 +117,6 @@ class Pipeline:
         self.gate = gate
         self.workdir = workdir
 
-    @contextmanager
-    def _leased(self, attempt: Attempt, job_id: str) -> Iterator[None]:
-        with self._stage(attempt, "lease"):
-            attempt.lease = self.results.acquire(job_id, attempt.owner, until=attempt.visible_until)
-        try:
-            yield
-        finally:
-            self.release_lease(attempt)
-
     def release_lease(self, attempt: Attempt) -> None:
         """Give the job's lease up (best effort: an unreleased lease simply expires)."""
         lease, attempt.lease = attempt.lease, None
@@ -165,26 +157,28 @@ class Pipeline:
         """Run every stage for one message; returns normally on success (incl. a duplicate)."""
         with self._stage(attempt, "validate"):
             job = attempt.job = parse_job(attempt.message, self.settings)
-        with self._leased(attempt, job.job_id):
-            with self._stage(attempt, "fetch"):
-                stored = self._stored_result(job)
-            if stored and stored.delivered_at:
-                attempt.outcome = "duplicate"
-                return
-            if stored:
-                attempt.source = "cached"
-            else:
-                stored = self._transcribe(attempt, job)
-                attempt.source = "api"
-            attempt.model = stored.model
-            attempt.audio_seconds = stored.transcript.duration_seconds or 0.0
-            with self._stage(attempt, "callback"):
-                self.deliverer.post(self._payload(attempt, job, transcript=stored.transcript))
-            attempt.outcome = "completed"
-            # WordPress has the transcript: from here on nothing may turn the job into a failure. If the
-            # mark is lost, a duplicate delivery only re-sends the same callback (Idempotency-Key).
-            with contextlib.suppress(ConsumerError):
-                self.results.mark_delivered(stored)
+        # Held until the message is settled (the worker releases it), failure callback included.
+        with self._stage(attempt, "lease"):
+            attempt.lease = self.results.acquire(job.job_id, attempt.owner, until=attempt.visible_until)
+        with self._stage(attempt, "fetch"):
+            stored = self._stored_result(job)
+        if stored and stored.delivered_at:
+            attempt.outcome = "duplicate"
+            return
+        if stored:
+            attempt.source = "cached"
+        else:
+            stored = self._transcribe(attempt, job)
+            attempt.source = "api"
+        attempt.model = stored.model
+        attempt.audio_seconds = stored.transcript.duration_seconds or 0.0
+        with self._stage(attempt, "callback"):
+            self.deliverer.post(self._payload(attempt, job, transcript=stored.transcript))
+        attempt.outcome = "completed"
+        # WordPress has the transcript: from here on nothing may turn the job into a failure. If the
+        # mark is lost, a duplicate delivery only re-sends the same callback (Idempotency-Key).
+        with contextlib.suppress(ConsumerError):
+            self.results.mark_delivered(stored)
 
     def _stored_result(self, job: JobMessage) -> StoredResult | None:
         """The stored result of this job, if it was made from the recording as it is now."""

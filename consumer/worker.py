@@ -104,10 +104,12 @@ class Worker:
         log.info("shutdown_started", extra={"in_flight": self.in_flight, "grace_s": self.settings.shutdown_grace})
         finished = self._wait_idle(self.settings.shutdown_grace)
         if not finished:
-            released = self._release_all()
-            log.info("grace_expired", extra={"released": released, "settling": self.in_flight - released})
+            # One deadline for the rest, counted from the signal: what systemd's TimeoutStopSec must cover.
+            finish_by = stopped_at + self.settings.shutdown_grace + self.settings.callback_timeout + SETTLE_MARGIN
+            released = self._release_all(finish_by)
+            log.info("grace_expired", extra={"released": released, "finishing": self.in_flight - released})
             # A job whose callback is on the wire, or that is being settled, is finished, not released.
-            self._wait_finishing(self.settings.callback_timeout + SETTLE_MARGIN)
+            self._wait_finishing(finish_by - self.clock())
         # The last long poll may still return messages: the poller hands them back (it sees `stop`), but
         # only while this process lives. Left behind, each would stay hidden for VISIBILITY_TIMEOUT.
         poll_left = max(0.0, stopped_at + self.settings.poll_wait_seconds + POLL_JOIN_MARGIN - self.clock())
@@ -165,8 +167,8 @@ class Worker:
         while any(f.extending for f in entries) and (left := deadline - self.clock()) > 0:
             self.cond.wait(min(left, 0.5))
 
-    def _release_all(self) -> int:
-        """Hand back every job not being settled yet; returns how many."""
+    def _release_all(self, deadline: float) -> int:
+        """Hand back every job not being settled yet (in parallel, until `deadline`); returns how many."""
         with self.cond:
             pending = []
             for f in self.inflight.values():
@@ -176,11 +178,19 @@ class Worker:
                 f.released = True  # and cancelled: it starts no further stage, so no store and no callback
                 pending.append(f)
             self._await_heartbeats(pending)
-        for f in pending:
+
+        def hand_back(f: InFlight) -> None:
             # The lease too, or the instance that takes the message over would only meet it and wait.
             self.pipeline.release_lease(f.attempt)
             self._give_back(f.message)
             log.info("job_released", extra={"message_id": f.message.message_id})
+
+        # In parallel: one slow S3 or SQS call must not hold back the other hand-backs.
+        threads = [threading.Thread(target=hand_back, args=(f,), name="release", daemon=True) for f in pending]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - self.clock()))
         return len(pending)
 
     # ------------------------------------------------------------------ poller
@@ -257,6 +267,8 @@ class Worker:
             except Exception:  # the message will reappear after its visibility timeout
                 log.exception("settle_failed", extra=self.log_fields(attempt))
             finally:
+                # Only now: a failure callback is part of the job, and a copy must not run beside it.
+                self.pipeline.release_lease(attempt)
                 with self.cond:
                     self.inflight.pop(message.receipt_handle, None)
                     self.cond.notify_all()

@@ -310,6 +310,22 @@ def test_heartbeats_go_on_while_a_failure_callback_is_slow(run_daemon, aws, word
     assert wordpress.held == 1 and [b["status"] for b in wordpress.terminal("job-slowcb")] == ["failed"]
 
 
+def test_the_lease_is_held_until_the_failure_callback_is_done(run_daemon, aws, wordpress):
+    """The failure callback is part of the job: a copy delivered meanwhile must meet the lease and wait,
+    not run the job beside it (and call WordPress back a second time)."""
+    wordpress.hold = True
+    run_daemon(callback_timeout=60)
+    send_job(aws, "job-held", "audio/does-not-exist.wav")
+    wait_for(lambda: wordpress.held == 1, timeout=30, what="the failure callback on the wire")
+    key = "transcripts/job-held.lease"
+    lease = json.loads(aws.s3.get_object(Bucket=aws.bucket, Key=key)["Body"].read())
+    assert lease["job_id"] == "job-held"
+    wordpress.release.set()
+    wait_for(lambda: aws.dlq_messages(), timeout=30, what="dead letter")
+    wait_for(lambda: "Contents" not in aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix=key), timeout=30,
+             what="the lease released once settled")
+
+
 def test_a_job_released_at_shutdown_stores_nothing_and_never_calls_back(run_daemon, aws, openai_stub, wordpress):
     """Handed back at shutdown, the job belongs to whoever receives it next: the transcription that was
     already on the wire may still come back, but it is neither stored nor sent to WordPress."""
