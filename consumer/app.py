@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import requests
 
+from consumer.aws import make_heartbeat_client
 from consumer.backpressure import RateGate
 from consumer.deliver import Deliverer, make_session
 from consumer.errors import ConfigError, ConsumerError
@@ -97,7 +98,8 @@ class Daemon:
 
 def build_daemon(settings: Settings, *, sqs: SQSClient, s3: S3Client, transcriber: Transcriber | None = None,
                  session: requests.Session | None = None, stop: threading.Event | None = None,
-                 notifier: Notifier | None = None, metrics: Metrics | None = None) -> Daemon:
+                 notifier: Notifier | None = None, metrics: Metrics | None = None,
+                 heartbeat_sqs: SQSClient | None = None) -> Daemon:
     """Assemble a ready-to-run daemon; raises ConfigError when the queue set-up is unusable."""
     problems = settings.run_problems()
     if problems:
@@ -127,8 +129,10 @@ def build_daemon(settings: Settings, *, sqs: SQSClient, s3: S3Client, transcribe
         results=ResultStore(s3, settings.s3_bucket, settings.results_prefix),
         gate=gate, workdir=private_workdir(settings),
     )
+    heartbeat_queue = SqsQueue(heartbeat_sqs or make_heartbeat_client(settings), settings.sqs_queue_url,
+                               on_request=lambda op: count.labels(op).inc())
     worker = Worker(settings=settings, queue=queue, dlq=dlq, max_receive_count=max_receives, pipeline=pipeline,
-                    metrics=metrics, notifier=notifier, stop=stop)
+                    metrics=metrics, notifier=notifier, stop=stop, heartbeat_queue=heartbeat_queue)
     return Daemon(worker=worker, metrics=metrics, workdir=pipeline.workdir)
 
 

@@ -29,6 +29,16 @@ BOTO_CONFIG = Config(
     max_pool_connections=64,
 )
 
+# Heartbeats must land or fail quickly: the worker waits for one on the wire before it changes the same
+# message's visibility (worker.HEARTBEAT_WAIT), and one landing later would undo that change. A failed
+# heartbeat is tried again a few seconds later (housekeeping.HEARTBEAT_RETRY), well inside the timeout.
+HEARTBEAT_CONFIG = Config(
+    connect_timeout=3,
+    read_timeout=5,
+    retries={"mode": "standard", "total_max_attempts": 1},  # no retry: the next heartbeat is the retry
+    max_pool_connections=4,
+)
+
 # Codes that mean "the same call may work later" for every service.
 TRANSIENT_CODES = frozenset({
     "Throttling", "ThrottlingException", "RequestThrottled", "SlowDown", "ServiceUnavailable",
@@ -54,6 +64,12 @@ def make_clients(settings: Settings) -> tuple[SQSClient, S3Client]:
     sqs = session.client("sqs", endpoint_url=endpoint, config=BOTO_CONFIG)
     s3 = session.client("s3", endpoint_url=endpoint, config=BOTO_CONFIG)
     return sqs, s3
+
+
+def make_heartbeat_client(settings: Settings) -> SQSClient:
+    """An SQS client for visibility heartbeats only, with HEARTBEAT_CONFIG's short timeouts."""
+    session = boto3.session.Session(**_session_kwargs(settings))
+    return session.client("sqs", endpoint_url=settings.aws_endpoint_url, config=HEARTBEAT_CONFIG)
 
 
 def aws_error_code(exc: Exception) -> str | None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("consumer.worker")
 STATUS_EVERY = 10.0  # seconds between STATUS= updates to systemd
+HEARTBEAT_RETRY = 5.0  # seconds before a failed visibility extension is tried again
 
 
 class Housekeeper:
@@ -91,25 +92,32 @@ class Housekeeper:
                 else:
                     self.metrics.heartbeats.labels("failed").inc()
                     log.warning("visibility_cap_reached", extra={"message_id": f.message.message_id})
+        failed: set[str] = set()
         try:
-            self._extend(due)
+            failed = self._extend(due)
         finally:
             with self.worker.cond:
                 for f in on_wire:
                     f.extending = False
+                    if f.message.receipt_handle in failed:  # again soon, not a whole interval later
+                        f.extended = now - self.settings.heartbeat_every + HEARTBEAT_RETRY
                 self.worker.cond.notify_all()
         return extended
 
-    def _extend(self, due: list[tuple[Message, int]]) -> None:
+    def _extend(self, due: list[tuple[Message, int]]) -> set[str]:
+        """Send the extensions, ten to a request; returns the receipt handles that failed."""
+        failed_handles: set[str] = set()
         for i in range(0, len(due), 10):
             batch = due[i:i + 10]
             try:
-                failed = self.worker.queue.change_visibility_batch(batch)
+                failed = self.worker.heartbeat_queue.change_visibility_batch(batch)
             except ConsumerError as exc:
                 failed = [m for m, _ in batch]
                 log.warning("heartbeat_failed", extra={"error": str(exc)})
+            failed_handles.update(m.receipt_handle for m in failed)
             self.metrics.heartbeats.labels("ok").inc(len(batch) - len(failed))
             self.metrics.heartbeats.labels("failed").inc(len(failed))
+        return failed_handles
 
     def _observe_depths(self) -> None:
         for name, q in (("main", self.worker.queue), ("dlq", self.worker.dlq)):

@@ -67,9 +67,10 @@ class Worker:
     def __init__(self, *, settings: Settings, queue: SqsQueue, dlq: SqsQueue, max_receive_count: int | None,
                  pipeline: Pipeline, metrics: Metrics, notifier: Notifier | None = None,
                  stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, heartbeat_queue: SqsQueue | None = None) -> None:
         self.settings = settings
         self.queue = queue
+        self.heartbeat_queue = heartbeat_queue or queue  # the same queue over a client with short timeouts
         self.deleter = DeleteBatcher(queue)
         self.dlq = dlq
         self.max_receive_count = max_receive_count

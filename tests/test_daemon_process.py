@@ -45,15 +45,18 @@ def test_twenty_signed_jobs_end_to_end(spawn_daemon, aws, openai_stub, wordpress
     assert all("authorization" not in c.headers for c in wordpress.received)
     wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="empty queue")
 
-    status, text = scrape(daemon.metrics_port, "/metrics")
-    assert status == 200
+    def settled():  # the queue empties first; each slot frees once its job's lease is released too
+        status, text = scrape(daemon.metrics_port, "/metrics")
+        assert status == 200
+        return metric(text, 'sidecar_jobs_in_progress') == 0 and text
+
+    text = wait_for(settled, timeout=30, what="every job settled")
     assert metric(text, 'sidecar_jobs_total{outcome="completed"}') == 20
     assert metric(text, 'sidecar_stage_duration_seconds_count{stage="transcribe"}') == 20
     assert metric(text, 'sidecar_stage_duration_seconds_count{stage="download"}') == 20
     assert metric(text, 'sidecar_stage_duration_seconds_count{stage="callback"}') == 20
     assert metric(text, 'sidecar_job_duration_seconds_count') == 20
     assert metric(text, 'sidecar_message_age_seconds_count') == 20
-    assert metric(text, 'sidecar_jobs_in_progress') == 0
     assert metric(text, 'sidecar_audio_seconds_total{model="gpt-transcribe"}') > 20
     # Deletes that coincide go out as one DeleteMessageBatch: at most one request per job.
     deletes = (metric(text, 'sidecar_sqs_requests_total{operation="DeleteMessage"}', 0)
