@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import signal
 import time
+import wave
 
+import numpy as np
 import pytest
 
 from tests.conftest import send_job, upload
@@ -324,6 +326,37 @@ def test_the_lease_is_held_until_the_failure_callback_is_done(run_daemon, aws, w
     wait_for(lambda: aws.dlq_messages(), timeout=30, what="dead letter")
     wait_for(lambda: "Contents" not in aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix=key), timeout=30,
              what="the lease released once settled")
+
+
+def _long_wav(path, seconds: int, rate: int = 8000) -> None:
+    """A tone with a pause every 7 s: over the model's duration cap, so it is sent in chunks."""
+    t = np.arange(seconds * rate) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * ((t.astype(int) % 7) != 6)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((tone * 32767).astype("<i2").tobytes())
+
+
+@pytest.mark.e2e
+def test_sigterm_exits_at_once_while_a_released_jobs_chunks_still_wait_on_openai(spawn_daemon, aws, openai_stub,
+                                                                                  wordpress, tmp_path):
+    """The chunks of a long recording go out from a thread pool whose threads the interpreter would wait
+    for: a released job's requests, still on the wire, must not keep the process alive."""
+    path = tmp_path / "long.wav"
+    _long_wav(path, 1300)  # gpt-transcribe takes at most 1260 s (1400 s less the margin) per request
+    upload(aws, "audio/long.wav", path)
+    openai_stub.latency = 120
+    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1", "TRANSCRIBE_TIMEOUT": "150", "TRANSCRIBE_PARALLELISM": "2"})
+    daemon.wait_ready()
+    send_job(aws, "job-chunks", "audio/long.wav")
+    wait_for(lambda: openai_stub.count() == 2, timeout=90, what="both chunks on the wire")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(20) == 0
+    assert daemon.events("job_released")
+    wait_for(lambda: aws.counts() == (1, 0), timeout=10, what="message visible again")
+    assert wordpress.received == []
 
 
 def test_a_job_released_at_shutdown_stores_nothing_and_never_calls_back(run_daemon, aws, openai_stub, wordpress):
