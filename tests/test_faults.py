@@ -256,20 +256,27 @@ def test_a_waiting_copy_on_its_last_receive_is_resent_not_dead_lettered(moto_ser
     assert openai_stub.count() == 1 and aws.dlq_messages() == []
 
 
-@pytest.mark.e2e
-def test_sigterm_past_the_grace_lets_a_failure_callback_on_the_wire_finish(spawn_daemon, aws, wordpress):
-    """A job being settled when the grace runs out is not handed back (another instance would run it
-    again and WordPress would hear twice): its callback finishes, then it is dead-lettered."""
+def sigterm_with_the_callback_on_the_wire(spawn_daemon, aws, wordpress, job_id, key):
+    """A daemon subprocess stopped (grace 1 s) while WordPress holds job_id's callback past the grace,
+    then let through; returns the daemon once it has exited 0 without handing the job back."""
     wordpress.hold = True
     daemon = spawn_daemon({"SHUTDOWN_GRACE": "1", "CALLBACK_TIMEOUT": "60"})
     daemon.wait_ready()
-    send_job(aws, "job-settling", "audio/does-not-exist.wav")
-    wait_for(lambda: wordpress.held == 1, timeout=30, what="the failure callback on the wire")
+    send_job(aws, job_id, key)
+    wait_for(lambda: wordpress.held == 1, timeout=30, what="the callback on the wire")
     daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: daemon.events("grace_expired"), timeout=30, what="the grace over")
     wordpress.release.set()
     assert daemon.proc.wait(30) == 0
     assert not daemon.events("job_released")
+    return daemon
+
+
+@pytest.mark.e2e
+def test_sigterm_past_the_grace_lets_a_failure_callback_on_the_wire_finish(spawn_daemon, aws, wordpress):
+    """A job being settled when the grace runs out is not handed back (another instance would run it
+    again and WordPress would hear twice): its callback finishes, then it is dead-lettered."""
+    sigterm_with_the_callback_on_the_wire(spawn_daemon, aws, wordpress, "job-settling", "audio/does-not-exist.wav")
     assert [b["status"] for b in wordpress.terminal("job-settling")] == ["failed"]
     [dead] = wait_for(lambda: aws.dlq_messages(), timeout=10, what="dead letter")
     assert dead["MessageAttributes"]["error_code"]["StringValue"] == "audio_not_found"
@@ -282,16 +289,7 @@ def test_sigterm_past_the_grace_lets_a_completed_callback_on_the_wire_finish(spa
     """Likewise a job whose `completed` callback is on the wire: it is finished and deleted, not handed
     back for another instance to call back a second time."""
     upload(aws, "audio/wire.wav")
-    wordpress.hold = True
-    daemon = spawn_daemon({"SHUTDOWN_GRACE": "1", "CALLBACK_TIMEOUT": "60"})
-    daemon.wait_ready()
-    send_job(aws, "job-wire", "audio/wire.wav")
-    wait_for(lambda: wordpress.held == 1, timeout=30, what="the completed callback on the wire")
-    daemon.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: daemon.events("grace_expired"), timeout=30, what="the grace over")
-    wordpress.release.set()
-    assert daemon.proc.wait(30) == 0
-    assert not daemon.events("job_released")
+    sigterm_with_the_callback_on_the_wire(spawn_daemon, aws, wordpress, "job-wire", "audio/wire.wav")
     assert [b["status"] for b in wordpress.terminal("job-wire")] == ["completed"]
     assert aws.counts() == (0, 0)
 
