@@ -1,11 +1,17 @@
 """scripts/release.sh, deploy.sh and rollback.sh as subprocesses, against a temporary bare `origin`, its
-clones, stand-in `systemctl`/`journalctl` on PATH and a stand-in /health server on a loopback port."""
+clones, stand-in `systemctl`/`journalctl` on PATH and a stand-in /health server on a loopback port.
+The stand-in systemctl runs a release's service (for some tests the real daemon) with its output on a
+journal stream; the stand-in journalctl reads that stream's priorities the way journald does."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,6 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import send_job
+from tests.stack.aws import AwsStack
+from tests.stack.wordpress import WordPressStub
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -22,19 +32,85 @@ if shutil.which("git") is None:  # pragma: no cover - git is part of every check
     pytest.skip("git is not installed", allow_module_level=True)
 
 SYSTEMCTL = """#!/usr/bin/env bash
-# Stand-in: logs the call; `restart` records what the checkout runs now; `is-active` says active.
+# Stand-in for systemctl: logs the call; `is-active` says active. `restart` records what the checkout runs
+# now and, when the test gave that release a service ($STUB_STATE/exec-<tag>, a bash script), runs it the
+# way the unit does with StandardOutput=journal and StandardError=journal: stdout and stderr share one
+# stream to the journal (here the capture file $STUB_STATE/journal-<tag>, started empty) and
+# JOURNAL_STREAM holds that stream's device and inode in decimal, "<dev>:<ino>" (systemd.exec(5),
+# $JOURNAL_STREAM). A Type=notify restart returns at READY=1; this one returns when the service ends, so
+# all it logged is in the capture before deploy.sh reads the journal.
 echo "systemctl $*" >> "$STUB_STATE/calls"
 case $1 in
-  restart) git -C "$STUB_CHECKOUT" describe --tags > "$STUB_STATE/running" ;;
+  restart)
+    running=$(git -C "$STUB_CHECKOUT" describe --tags)
+    printf '%s\\n' "$running" > "$STUB_STATE/running"
+    if [[ -f $STUB_STATE/exec-$running ]]; then
+      capture=$STUB_STATE/journal-$running
+      : > "$capture"
+      JOURNAL_STREAM=$(stat -c '%d:%i' "$capture") \\
+        bash "$STUB_STATE/exec-$running" </dev/null >>"$capture" 2>&1 || true
+    fi
+    ;;
   is-active) echo active ;;
 esac
 """
 
 JOURNALCTL = """#!/usr/bin/env bash
-# Stand-in: logs the call; prints the error lines the test planted for the release running now.
+# Stand-in for journalctl: logs the call; prints the records of the release running now, read from what
+# its service wrote to the journal stream ($STUB_STATE/journal-<tag>, see the systemctl stand-in) the way
+# journald reads a stream:
+#  - A line's priority is its sd-daemon prefix "<N>", which is removed (systemd.exec(5) SyslogLevelPrefix=,
+#    default true; sd-daemon(3)). journald's parser takes N in one to three digits with value 0-7, so
+#    "<3>", "<03>" and "<003>" are err and "<8>" or "<13>" is no prefix (systemd src/basic/syslog-util.c
+#    syslog_parse_priority(), called without facility by src/journal/journald-stream.c).
+#  - A line without a prefix gets the unit's SyslogLevel=, default info (6) (systemd.exec(5) SyslogLevel=;
+#    the unit does not set it). An empty message is not stored (journald-stream.c).
+#  - -p/--priority takes a level, emerg (0) .. debug (7) or its number, and shows records at that level or
+#    more important; or a range FROM..TO, both ends included, in either order (journalctl(1) --priority=;
+#    src/journal/journalctl.c). Anything else: "Unknown log level", status 1.
+# Not modelled: --since (the capture starts at the restart, after the time deploy.sh passes), -o (the
+# message alone is printed), journald's LineMax= splitting of lines over 48K.
 echo "journalctl $*" >> "$STUB_STATE/calls"
+
+level() {
+  case $1 in
+    emerg) echo 0 ;; alert) echo 1 ;; crit) echo 2 ;; err) echo 3 ;;
+    warning) echo 4 ;; notice) echo 5 ;; info) echo 6 ;; debug) echo 7 ;;
+    *) [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 <= 7)) && echo $((10#$1)) ;;
+  esac
+}
+
+low=0 high=7
+while (($#)); do
+  case $1 in
+    -p | --priority) spec=$2; shift ;;
+    -p?*) spec=${1#-p} ;;
+    --priority=*) spec=${1#--priority=} ;;
+  esac
+  shift
+done
+if [[ -n ${spec+set} ]]; then
+  if [[ $spec == *..* ]]; then
+    from=$(level "${spec%%..*}") && to=$(level "${spec#*..}") ||
+      { echo "Failed to parse log level range $spec" >&2; exit 1; }
+    if ((from < to)); then low=$from high=$to; else low=$to high=$from; fi
+  else
+    high=$(level "$spec") || { echo "Unknown log level $spec" >&2; exit 1; }
+  fi
+fi
+
 running=$(cat "$STUB_STATE/running" 2>/dev/null || true)
-cat "$STUB_STATE/journal-$running" 2>/dev/null || true
+capture=$STUB_STATE/journal-$running
+[[ -f $capture ]] || exit 0
+prefix='^<0{0,2}([0-7])>(.*)$'
+while IFS= read -r line || [[ -n $line ]]; do
+  priority=6 message=$line
+  if [[ $line =~ $prefix ]]; then
+    priority=${BASH_REMATCH[1]} message=${BASH_REMATCH[2]}
+  fi
+  [[ -n $message ]] && ((low <= priority && priority <= high)) && printf '%s\\n' "$message"
+done < "$capture"
+exit 0
 """
 
 
@@ -227,6 +303,19 @@ class Host:
     def restarts(self) -> int:
         return self.calls().count(f"systemctl restart {UNIT}")
 
+    def service(self, tag: str, script: str) -> None:
+        """What release `tag` runs when the stand-in systemctl (re)starts it: a bash script."""
+        (self.state / f"exec-{tag}").write_text(script)
+
+    def journal_stream(self, tag: str) -> list[str]:
+        """The raw lines release `tag`'s service wrote to its journal stream, prefixes included."""
+        return (self.state / f"journal-{tag}").read_text().splitlines()
+
+    def run(self, *command: str) -> subprocess.CompletedProcess[str]:
+        """A command (a stand-in, found first on PATH) as deploy.sh would run it, in the checkout."""
+        return subprocess.run(list(command), cwd=self.checkout, env=self.env, capture_output=True, text=True,
+                              timeout=90, check=False)
+
 
 TAGS = {"A": "prod-2025-01-01-1", "B": "prod-2025-01-02-9", "C": "prod-2025-01-02-10"}
 
@@ -343,12 +432,122 @@ def test_failed_health_offers_rollback_and_n_keeps_the_release(host: Host) -> No
     assert host.restarts() == 1
 
 
-def test_errors_in_the_journal_fail_the_deploy(host: Host) -> None:
-    (host.state / f"journal-{TAGS['B']}").write_text("2025-01-02T10:00:00 host sidecar[1]: Traceback\n")
+@pytest.mark.parametrize(("line", "fails"), [
+    ("<3>Traceback (most recent call last):", True),
+    ("<2>worker_died", True),
+    ("<4>job_failed", False),  # a warning is not an error
+    # journald stores a line without a prefix at SyslogLevel= (info): `-p err` never sees it, which is
+    # why the daemon prefixes its lines when stderr is the journal.
+    ("Traceback (most recent call last):", False),
+])
+def test_errors_in_the_journal_fail_the_deploy(host: Host, line: str, fails: bool) -> None:
+    host.service(TAGS["B"], f"printf '%s\\n' {shlex.quote(line)} >&2\n")
+    proc = deploy(host, TAGS["B"], "--yes")
+    if fails:
+        assert proc.returncode == 1
+        assert "errors in the journal" in proc.stderr
+        assert line[3:] + "\n" in proc.stderr  # journald removed the prefix
+        assert host.head() == TAGS["A"]
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert host.head() == TAGS["B"]
+
+
+# ---------------------------------------------------------------- the stand-in journal
+
+
+def test_the_stand_in_journal_reads_priorities_like_journald(host: Host) -> None:
+    lines = ["<0>emerg", "<3>err", "<03>err in two digits", "<003>err in three digits", "<4>warning",
+             "<5>notice", "<6>info", "no prefix", "<8>not a priority", "<13>not without a facility", "<7>debug",
+             "<3>", ""]
+    host.service(TAGS["B"], f"printf '%s\\n' {shlex.join(lines)} >&2\n")
+    git(host.checkout, "checkout", "-q", "--detach", TAGS["B"], env=host.env)
+    assert host.run("systemctl", "restart", UNIT).returncode == 0
+    assert host.journal_stream(TAGS["B"]) == lines
+
+    def shown(*args: str) -> list[str]:
+        proc = host.run("journalctl", "-u", UNIT, *args, "--no-pager", "-q")
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    errors = ["emerg", "err", "err in two digits", "err in three digits"]
+    info = ["info", "no prefix", "<8>not a priority", "<13>not without a facility"]
+    assert shown("-p", "err") == shown("-p", "3") == shown("--priority=err") == shown("-perr") == errors
+    assert shown("-p", "warning") == [*errors, "warning"]
+    assert shown("-p", "info") == [*errors, "warning", "notice", *info]
+    assert shown() == shown("-p", "debug") == shown("-p", "07") == [*errors, "warning", "notice", *info, "debug"]
+    assert shown("-p", "warning..notice") == shown("-p", "5..4") == ["warning", "notice"]
+    assert shown("-p", "0..0") == ["emerg"]
+    for bad, message in [("ERR", "Unknown log level ERR"), ("8", "Unknown log level 8"),
+                         ("3..", "Failed to parse log level range 3..")]:
+        proc = host.run("journalctl", "-u", UNIT, "-p", bad)
+        assert proc.returncode == 1 and message in proc.stderr
+
+
+def daemon_service(aws: AwsStack, wordpress: WordPressStub, tmp_path: Path) -> str:
+    """A service that runs the real daemon (`sidecar run --drain`) on the local stack, as ExecStart= does."""
+    settings = {
+        **aws.env(), "ENVIRONMENT": "test", "LOG_FORMAT": "json", "POLL_WAIT_SECONDS": "1", "METRICS_PORT": "0",
+        "WP_SIDE_CAR_CALLBACK": wordpress.url, "WP_SERVER_TOKEN": "wp-token", "CALLBACK_TIMEOUT": "5",
+        # Never called: the jobs here fail before transcription.
+        "TRANSCRIBER": "openai", "OPENAI_API_KEY": "sk-unused", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "TEMP_DIR": str(tmp_path / "daemon-tmp"),
+    }
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in settings.items())
+    return f"unset NOTIFY_SOCKET\n{exports}exec {shlex.quote(sys.executable)} -m consumer run --drain\n"
+
+
+def release_logging_an_error(host: Host, aws: AwsStack, wordpress: WordPressStub, tmp_path: Path) -> None:
+    """Release B runs the real daemon with a job whose failure callback WordPress rejects: the daemon
+    logs `failure_callback_rejected` at ERROR (and `job_dead_lettered` at WARNING)."""
+    wordpress.statuses.append(400)
+    send_job(aws, "journal-err-1", "missing/recording.wav", secret=None)
+    host.service(TAGS["B"], daemon_service(aws, wordpress, tmp_path))
+
+
+# Every line the daemon writes to a journal stream: "<N>" and one JSON object.
+PREFIXED_JSON = re.compile(r"<([0-7])>(\{.*\})")
+
+
+@pytest.mark.e2e
+def test_journalctl_p_err_shows_what_the_real_daemon_logged_at_error(
+    host: Host, aws: AwsStack, wordpress: WordPressStub, tmp_path: Path
+) -> None:
+    release_logging_an_error(host, aws, wordpress, tmp_path)
+    git(host.checkout, "checkout", "-q", "--detach", TAGS["B"], env=host.env)
+    assert host.run("systemctl", "restart", UNIT).returncode == 0
+
+    stream = host.journal_stream(TAGS["B"])
+    matches = [PREFIXED_JSON.fullmatch(line) for line in stream]
+    assert stream and all(matches), stream
+    levels = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+    assert all(int(m[1]) == levels[json.loads(m[2])["level"]] for m in matches if m)
+
+    def records(priority: str) -> list[dict[str, str]]:
+        proc = host.run("journalctl", "-u", UNIT, "-p", priority, "--no-pager", "-q", "-o", "short-iso")
+        assert proc.returncode == 0, proc.stderr
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+    [error] = records("err")
+    assert (error["event"], error["level"], error["job_id"]) == ("failure_callback_rejected", "ERROR", "journal-err-1")
+    warnings = records("warning")
+    assert {r["level"] for r in warnings} == {"ERROR", "WARNING"}
+    assert "job_dead_lettered" in {r["event"] for r in warnings}
+    everything = records("info")
+    assert "metrics_listening" in {r["event"] for r in everything} and len(everything) == len(stream)
+
+
+@pytest.mark.e2e
+def test_a_release_whose_daemon_logs_an_error_fails_the_journal_checkpoint(
+    host: Host, aws: AwsStack, wordpress: WordPressStub, tmp_path: Path
+) -> None:
+    release_logging_an_error(host, aws, wordpress, tmp_path)
     proc = deploy(host, TAGS["B"], "--yes")
     assert proc.returncode == 1
-    assert "errors in the journal" in proc.stderr
-    assert "Traceback" in proc.stderr
+    shown = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert [r["event"] for r in shown] == ["failure_callback_rejected"]  # warnings and info are not errors
+    assert "VERIFICATION FAILED: errors in the journal" in proc.stderr
+    assert f"Rolled back to {TAGS['A']}" in proc.stderr
     assert host.head() == TAGS["A"]
 
 
