@@ -1,10 +1,15 @@
 """deploy/cloudformation.yaml: cfn-lint is clean, and the stack created in moto has the queues with their
 redrive policy, retention and encryption, least-privilege policies, and outputs that resolve; the daemon run
-as a process against the queues a stack made in the moto server completes a job and dead-letters a bad one."""
+as a process against the queues a stack made in the moto server completes a job and dead-letters a bad one;
+the runbook's deploy commands acknowledge the IAM resources and, run as written with the AWS CLI, create the
+stack. (That the policies are enough for every command is tests/test_iam.py's business.)"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import subprocess
 import uuid
 import warnings
@@ -20,7 +25,9 @@ from tests.conftest import DaemonProcess, send_job, upload
 from tests.stack import require_tool, wait_for
 from tests.stack.aws import AwsStack, MotoServer
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "cloudformation.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "deploy" / "cloudformation.yaml"
+RUNBOOK = ROOT / "docs" / "operations.md"
 REGION = "us-east-1"
 BUCKET = "salestrainer-recordings-test"
 FOUR_DAYS, FOURTEEN_DAYS = 4 * 86400, 14 * 86400
@@ -134,6 +141,7 @@ def test_policies_are_least_privilege(in_process_aws: None) -> None:
         ("sqs:GetQueueAttributes", queue),
         ("sqs:SendMessage", queue),  # `sidecar dlq redrive`
         *{(a, dlq) for a in ("sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage")},
+        ("sqs:ChangeMessageVisibility", dlq),  # `sidecar dlq ls|redrive` hand back what they walked
         ("sqs:GetQueueAttributes", dlq),
         ("sqs:GetQueueUrl", dlq),
         ("sqs:PurgeQueue", dlq),  # `sidecar dlq purge`
@@ -193,3 +201,91 @@ def test_daemon_runs_against_the_stack_queues(moto_server: MotoServer, spawn_dae
     assert attrs["error_code"] == "audio_not_found"
     assert json.loads(dead["Body"])["job_id"] == "cfn-missing"
     wait_for(lambda: made.counts() == (0, 0), timeout=30, what="the stack's job queue empty")
+
+
+# A stack with IAM resources needs CAPABILITY_IAM, and CAPABILITY_NAMED_IAM when one of them has a custom
+# name; otherwise InsufficientCapabilitiesException "Requires capabilities : [CAPABILITY_IAM]" (CreateStack
+# API reference, `Capabilities`; REALITY.md). moto enforces neither, so the rule is checked here.
+IAM_NAME_PROPERTIES = {"AWS::IAM::ManagedPolicy": "ManagedPolicyName", "AWS::IAM::Role": "RoleName",
+                       "AWS::IAM::User": "UserName", "AWS::IAM::Group": "GroupName",
+                       "AWS::IAM::InstanceProfile": "InstanceProfileName"}
+
+
+def required_capabilities(template: Path) -> set[str]:
+    from cfnlint.decode.cfn_yaml import loads
+
+    needed = set()
+    for resource in loads(template.read_text())["Resources"].values():
+        kind = resource["Type"]
+        if kind.startswith("AWS::IAM::"):
+            named = IAM_NAME_PROPERTIES.get(kind) in resource.get("Properties", {})
+            needed.add("CAPABILITY_NAMED_IAM" if named else "CAPABILITY_IAM")
+    return needed
+
+
+def runbook_deploy_commands() -> list[list[str]]:
+    """Each `aws cloudformation deploy` of the runbook's shell blocks, as the shell would split it."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", RUNBOOK.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith("aws cloudformation deploy"):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def option(command: list[str], name: str) -> list[str]:
+    """The values after `name`, up to the next option (the AWS CLI's list options take several)."""
+    if name not in command:
+        return []
+    rest = command[command.index(name) + 1:]
+    return list(next((rest[:i] for i, arg in enumerate(rest) if arg.startswith("--")), rest))
+
+
+def test_runbook_deploy_commands_acknowledge_the_iam_resources() -> None:
+    from cfnlint.decode.cfn_yaml import loads
+
+    commands = runbook_deploy_commands()
+    assert len(commands) == 2, "expected the prod and dev deploy commands in docs/operations.md"
+    needed = required_capabilities(TEMPLATE)
+    assert needed == {"CAPABILITY_IAM"}  # the policies are unnamed: CAPABILITY_NAMED_IAM would be too much
+    parameters = loads(TEMPLATE.read_text())["Parameters"]
+    for command in commands:
+        assert needed <= set(option(command, "--capabilities")), f"{shlex.join(command)}: needs {needed}"
+        assert (ROOT / option(command, "--template-file")[0]).resolve() == TEMPLATE
+        overrides = dict(o.split("=", 1) for o in option(command, "--parameter-overrides"))
+        assert set(overrides) <= set(parameters), set(overrides) - set(parameters)
+        assert {name for name, p in parameters.items() if "Default" not in p} <= set(overrides)
+
+
+@pytest.mark.timeout(120)
+def test_runbook_deploy_commands_run_as_written(moto_server: MotoServer) -> None:
+    """The AWS CLI itself runs each command against moto; its own debug log shows what it asked of
+    CloudFormation, so the capabilities are checked on the request moto would not refuse."""
+    aws = require_tool("aws", "pip install awscli, or the AWS CLI v2")
+    bucket = f"recordings-{uuid.uuid4().hex[:8]}"
+    moto_server.client("s3").create_bucket(Bucket=bucket)
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "AWS_ENDPOINT_URL": moto_server.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    cfn = moto_server.client("cloudformation")
+    for command in runbook_deploy_commands():
+        as_written = [aws, *(arg.replace("<recordings-bucket>", bucket) for arg in command[1:])]
+        proc = subprocess.run([*as_written, "--debug"], cwd=ROOT, env=cli_env, capture_output=True, text=True,
+                              timeout=90, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        assert "Successfully created/updated stack" in proc.stdout
+        [request] = [line for line in proc.stderr.splitlines()
+                     if "Making request for OperationModel(name=CreateChangeSet)" in line]
+        sent = set(re.findall(r"'Capabilities\.member\.\d+': '(\w+)'", request))
+        assert required_capabilities(TEMPLATE) <= sent, sent
+
+        name = option(command, "--stack-name")[0]
+        stack = cfn.describe_stacks(StackName=name)["Stacks"][0]
+        assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
+        # (moto leaves Outputs off a stack made by a change set, so the resources are asked for instead;
+        # the QueuePolicy it does not model shows up as a nameless one.)
+        made = {r.get("LogicalResourceId"): r.get("PhysicalResourceId")
+                for r in cfn.list_stack_resources(StackName=name)["StackResourceSummaries"]}
+        environment = dict(o.split("=", 1) for o in option(command, "--parameter-overrides"))["Environment"]
+        assert made["JobQueue"].endswith(f"/salestrainer-{environment}-jobs")
+        assert made["SidecarPolicy"].startswith("arn:aws:iam::")
