@@ -1,20 +1,25 @@
 """The prepare-audio stage: probe a downloaded recording, check it, turn it into what the transcriber takes.
 
-    probe(path)              -> AudioInfo      container, codec, duration (also for header-less WebM)
+    probe(path, max_seconds) -> AudioInfo      container, codec, and the duration measured from the
+                                               packets (consumer.audio_measure), never the header's
+                                               claim; audio_too_long as soon as it passes max_seconds
     check_limits(info, ...)                    audio_too_large / audio_too_long
-    has_speech(path, info)   -> bool           False for silence, so nobody pays to transcribe it
+    has_speech(path, info, max_seconds) -> bool  False for silence, so nobody pays to transcribe it
     prepare(path, info, limits, workdir) -> list[AudioPart]
                                                the original when the API takes it as it is; otherwise a
                                                16 kHz mono Ogg/Opus transcode, cut at pauses to fit
 
 All decoding goes through PyAV (its wheels bundle FFmpeg; no ffmpeg binary is needed) and streams, so
-a four-hour recording costs no more memory than a short one. PyAV's exceptions are translated into
-the project's error tree by `AV_ERRORS`, here and nowhere else; `consumer.audio_split` holds the
-streaming decode and the one-pass splitter.
+a four-hour recording costs no more memory than a short one. Every decode is bounded by MAX_AUDIO_SECONDS
+as well (decoded samples counted), so a file whose header and packets both understate it still stops
+there, and the original is sent as it is only when its measured duration fits the transcriber.
+PyAV's exceptions are translated into the project's error tree by `AV_ERRORS`, here and nowhere else;
+`consumer.audio_measure` measures, `consumer.audio_split` holds the streaming decode and the splitter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ from typing import Any
 import av
 import numpy as np
 
-from consumer import audio_split
+from consumer import audio_measure, audio_split
 from consumer.errors import ConsumerError, PermanentError, RetryableError
 from consumer.transcribe import AudioLimits, AudioPart
 
@@ -37,7 +42,6 @@ SPEECH_RMS_DBFS = -50.0
 SPEECH_RMS = 32768 * 10 ** (SPEECH_RMS_DBFS / 20)
 # A click or a cough is not a conversation: ask for half a second of frames above the threshold.
 MIN_SPEECH_SECONDS = 0.5
-PROBE_DECODE_PACKETS = 50  # packets to try before deciding the audio cannot be decoded
 # An Ogg/Opus chunk's bytes per second at OPUS_BITRATE, with room for Ogg pages and VBR swings.
 OPUS_BYTES_PER_SECOND = audio_split.OPUS_BITRATE / 8 * 1.15
 OGG_HEADER_BYTES = 4096
@@ -99,25 +103,39 @@ class AudioInfo:
     codec: str  # of the audio stream that will be transcribed
     channels: int
     sample_rate: int
-    duration: float  # seconds
+    duration: float  # seconds, measured from the packets (audio_measure), never the header's claim
     has_video: bool
     size_bytes: int
     api_format: str | None  # the transcription API's name for this format; None: it must be transcoded
+    header_duration: float | None = None  # what the header claims, for logs and messages; None: nothing
 
 
-def probe(path: Path) -> AudioInfo:
-    """Describe the recording at `path`; PermanentError(unsupported_audio) if it holds no usable audio."""
+def probe(path: Path, *, max_seconds: float | None = None) -> AudioInfo:
+    """Describe the recording at `path`, its duration measured (`consumer.audio_measure`), not read.
+
+    PermanentError(unsupported_audio) if it holds no usable audio; PermanentError(audio_too_long) as
+    soon as the measurement passes `max_seconds` (MAX_AUDIO_SECONDS), whatever the header claims.
+    """
     size = path.stat().st_size
     if size == 0:
         raise PermanentError("the object is 0 bytes: nothing was uploaded", code="unsupported_audio")
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
-            return _probe_open(container, size)
+            info = _probe_open(container, size, max_seconds=max_seconds)
+        if info.container == "wav":  # the data chunk's size is a claim too: read to the end of the file
+            to_end = audio_measure.measure_wav_to_end(str(path), max_seconds=max_seconds,
+                                                      header=info.header_duration)
+            info = dataclasses.replace(info, duration=max(info.duration, to_end))
     except (av.FFmpegError, OSError) as exc:
         raise translate_av_error(exc) from exc
+    if info.header_duration is not None and info.duration > info.header_duration * audio_split.TOO_LONG_SLACK + 1:
+        log.warning("audio_header_understates", extra={"duration_s": round(info.duration, 1),
+                                                       "header_duration_s": round(info.header_duration, 1),
+                                                       "container": info.container, "codec": info.codec})
+    return info
 
 
-def _probe_open(container: Any, size: int) -> AudioInfo:
+def _probe_open(container: Any, size: int, *, max_seconds: float | None) -> AudioInfo:
     videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     stream = container.streams.best("audio")
     codecs = {s.codec_context.codec.canonical_name for s in container.streams if s.codec_context}
@@ -126,13 +144,12 @@ def _probe_open(container: Any, size: int) -> AudioInfo:
         what = "has only video" if videos else f"has {len(container.streams)} streams and none is audio"
         raise PermanentError(f"no audio stream found (container {name} {what})", code="unsupported_audio")
     codec = stream.codec_context.codec.canonical_name  # "mp3", not the decoder's name "mp3float"
-    duration = _header_duration(container, stream)
-    packets, decodable, scanned = _scan(container, stream, need_duration=duration is None)
-    if not decodable:
-        problem = "has no audio data" if packets == 0 else "could not be decoded: the data is damaged"
+    header = _header_duration(container, stream)
+    found = audio_measure.measure(container, stream, name=name, max_seconds=max_seconds, header=header)
+    if not found.decodable:
+        problem = "has no audio data" if found.packets == 0 else "could not be decoded: the data is damaged"
         raise PermanentError(f"the {codec} audio stream {problem}", code="unsupported_audio")
-    duration = duration if duration is not None else scanned
-    if duration <= 0:
+    if found.seconds <= 0:
         raise PermanentError(f"the {codec} audio stream lasts 0 seconds", code="unsupported_audio")
     has_video = bool(videos)
     api_format = API_FORMATS.get((name, codec))
@@ -143,10 +160,11 @@ def _probe_open(container: Any, size: int) -> AudioInfo:
         codec=codec,
         channels=int(stream.codec_context.channels),
         sample_rate=int(stream.codec_context.sample_rate),
-        duration=float(duration),
+        duration=found.seconds,
         has_video=has_video,
         size_bytes=size,
         api_format=api_format,
+        header_duration=header,
     )
 
 
@@ -167,41 +185,6 @@ def _header_duration(container: Any, stream: Any) -> float | None:
     return None  # Chrome's MediaRecorder WebM: written live, so the header never learns the length
 
 
-def _scan(container: Any, stream: Any, *, need_duration: bool) -> tuple[int, bool, float]:
-    """Decode until one frame comes out; when the header had no duration, demux to the end for it.
-
-    Returns (packets read, decodable, seconds from the first packet's start to the last packet's end).
-    Packets without timestamps are decoded and their samples counted instead.
-    """
-    decodable, packets, tried, first, end, counted = False, 0, 0, None, 0, 0
-    for packet in container.demux(stream):
-        if packet.size == 0:  # the flush packet PyAV appends: a decoder may hold a short file's frames
-            decodable = decodable or (packets > 0 and bool(_decode(packet)))
-            continue
-        packets += 1
-        if packet.pts is not None and packet.duration:
-            first = packet.pts if first is None else min(first, packet.pts)
-            end = max(end, packet.pts + packet.duration)
-        needs_samples = need_duration and (packet.pts is None or not packet.duration)
-        if not decodable or needs_samples:
-            tried += 1
-            frames = _decode(packet)
-            decodable = decodable or bool(frames)
-            counted += sum(f.samples for f in frames) if needs_samples else 0
-        if not need_duration and (decodable or tried >= PROBE_DECODE_PACKETS):
-            break
-    if counted:
-        return packets, decodable, counted / (stream.codec_context.sample_rate or 1)
-    return packets, decodable, float((end - first) * stream.time_base) if first is not None else 0.0
-
-
-def _decode(packet: Any) -> list[Any]:
-    try:
-        return list(packet.decode())
-    except av.error.InvalidDataError:  # a damaged packet; the caller decides whether that is fatal
-        return []
-
-
 def check_limits(info: AudioInfo, *, max_bytes: int, max_seconds: float) -> None:
     """Raise PermanentError(audio_too_large / audio_too_long) when the recording is over a hard limit."""
     if info.size_bytes > max_bytes:
@@ -218,13 +201,16 @@ def check_limits(info: AudioInfo, *, max_bytes: int, max_seconds: float) -> None
         )
 
 
-def has_speech(path: Path, info: AudioInfo) -> bool:
-    """False when no half-second of the recording rises above `SPEECH_RMS_DBFS` (silence, a muted mic)."""
+def has_speech(path: Path, info: AudioInfo, *, max_seconds: float | None = None) -> bool:
+    """False when no half-second of the recording rises above `SPEECH_RMS_DBFS` (silence, a muted mic).
+
+    A silent recording is decoded to its end, so the decode is bounded by `max_seconds`
+    (MAX_AUDIO_SECONDS; PermanentError audio_too_long past it) whatever the probe measured."""
     needed = math.ceil(MIN_SPEECH_SECONDS * audio_split.RATE / audio_split.BLOCK)
     threshold = SPEECH_RMS**2 * audio_split.BLOCK  # compare sums of squares: no sqrt per frame
     loud = 0
     try:
-        for block in audio_split.pcm_blocks(path):
+        for block in audio_split.pcm_blocks(path, max_seconds=max_seconds):
             samples = block.astype(np.float64)
             if float(np.dot(samples, samples)) * audio_split.BLOCK / max(len(block), 1) > threshold:
                 loud += 1
@@ -240,7 +226,8 @@ def prepare(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
             max_total_seconds: float | None = None) -> list[AudioPart]:
     """The files to transcribe: the original if it fits `limits` as it is, else Ogg/Opus chunks in workdir.
 
-    `max_total_seconds` (MAX_AUDIO_SECONDS) is enforced on the decoded audio, not only on the header."""
+    `info.duration` is the measured length, so a header understating it cannot get the original sent to a
+    transcriber with a per-request cap; `max_total_seconds` (MAX_AUDIO_SECONDS) bounds the decode as well."""
     if _fits_as_is(info, limits):
         extension = info.api_format or info.container
         return [AudioPart(path=path, filename=f"{path.stem}.{extension}", offset=0.0, duration=info.duration)]

@@ -199,10 +199,10 @@ class Pipeline:
                                      max_bytes=self.settings.max_audio_bytes)
                 path = jobdir / "original"
             with self._stage(attempt, "prepare"):
-                info = audio.probe(path)
+                info = audio.probe(path, max_seconds=self.settings.max_audio_seconds)
                 audio.check_limits(info, max_bytes=self.settings.max_audio_bytes,
                                    max_seconds=self.settings.max_audio_seconds)
-                speech = audio.has_speech(path, info)
+                speech = audio.has_speech(path, info, max_seconds=self.settings.max_audio_seconds)
                 parts = audio.prepare(path, info, self.transcriber.limits, jobdir,
                                       max_total_seconds=self.settings.max_audio_seconds) if speech else []
             with self._stage(attempt, "transcribe"):
