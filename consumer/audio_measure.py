@@ -129,10 +129,12 @@ def _opus_pre_skip(extradata: bytes | None) -> int:
 
 def measure_wav_to_end(path: str, *, max_seconds: float | None, header: float | None) -> float:
     """A WAV's length read to the end of the file, past whatever its data chunk's size says."""
-    # libavformat/wavdec.c: `ignore_length` makes the demuxer read audio to EOF instead of stopping at the
-    # declared data size (without it, a size saying 10 s hides the rest of the file from us, but not
-    # necessarily from a server that reads the bytes). Sizes of 0 and 0xFFFFFFFF (streaming writers)
-    # are read to the end either way.
+    # The wav demuxer's `ignore_length` (libavformat/wavdec.c; documented in ffmpeg-devel PR #23414:
+    # "keep reading until the end of the file ... will misinterpret files with non-audio chunks after the
+    # data chunk"). Without it FFmpeg stops at the declared size (observed with PyAV 18 / FFmpeg 8), so a
+    # size saying 10 s hides the rest from us, not necessarily from a server that reads the bytes. Sizes
+    # of 0 and 0xFFFFFFFF (streaming writers) are read to the end either way. A trailing LIST chunk
+    # counts as a few milliseconds of audio here: harmless for a limit.
     with av.open(path, metadata_errors="ignore", options={"ignore_length": "1"}) as container:
         stream = container.streams.best("audio")
         if stream is None:

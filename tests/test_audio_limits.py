@@ -25,6 +25,7 @@ from consumer import audio, audio_measure, audio_split
 from consumer.audio import has_speech, prepare, probe
 from consumer.errors import PermanentError
 from consumer.transcribe import API_FORMATS, AudioLimits
+from consumer.transcribe_local import MAX_PART_SECONDS
 from consumer.transcribe_openai import OpenAITranscriber
 from tests.conftest import send_job, upload
 from tests.stack import wait_for
@@ -209,6 +210,21 @@ def test_the_measured_length_decides_what_is_sent(name: str, limits: AudioLimits
         assert part.path.parent == tmp_path
         assert probe(part.path).duration <= LIMIT
     assert sum(p.duration or 0.0 for p in parts) == pytest.approx(HELD, abs=0.2)
+
+
+@pytest.mark.timeout(120)
+def test_the_local_backend_gets_parts_no_longer_than_it_decodes_at_once(tmp_path: Path) -> None:
+    """faster-whisper decodes a whole part into memory: a 400 s file claiming 10 s must reach it cut."""
+    seconds, rate = 400, 8000
+    source = tmp_path / "in"
+    source.mkdir()
+    path = encode(source / "call.flac", "flac", "flac", seconds=seconds, rate=rate)
+    forge_flac_total_samples(path, CLAIMED * rate)
+    local = AudioLimits(max_bytes=None, max_seconds=MAX_PART_SECONDS, formats=None)  # LocalWhisperTranscriber's
+    parts = prepare(path, probe(path), local, tmp_path)
+    assert len(parts) == 2 and path not in [p.path for p in parts]
+    assert all((p.duration or 0.0) <= MAX_PART_SECONDS for p in parts)
+    assert sum(p.duration or 0.0 for p in parts) == pytest.approx(seconds, abs=0.2)
 
 
 @pytest.mark.timeout(120)
