@@ -3,13 +3,12 @@
 It is someone else's implementation of `POST /v1/audio/transcriptions` (FastAPI, python-multipart, faster-whisper),
 installed by scripts/install_thirdparty_server.py into a virtualenv of its own and serving the Whisper base model
 `make model` fetched. What it accepts and how it answers is written down, with its source files, in
-shared/REALITY.md; the points that shape this module:
+../shared/REALITY.md ("A third-party OpenAI-compatible server"); the points that shape this module:
 
 - Started as `faster-whisper-server MODEL_DIR` (its README's "single model" mode), it serves every request with
-  that model whatever the request's `model` says (`models.py`, `get_model_for_request`). That is also the only
-  mode in which the OpenAI SDK's requests reach a model: its endpoint reads the model from a form field named
-  `model_name`, not `model` (`api.py`, `transcriptions`), so in its multi-model mode every request asks for its
-  default, "whisper-1".
+  that model whatever the request's `model` says (`models.py`, `get_model_for_request`). Its multi-model mode
+  would not select by `model` either: the endpoint reads a form field named `model_name` (`api.py`,
+  `transcriptions`), so every OpenAI SDK request asks for its default, "whisper-1".
 - A directory is loaded as it is, no hub involved (faster-whisper `transcribe.py`, `WhisperModel.__init__`
   calls `download_model` only for what is not a directory); HF_HUB_OFFLINE=1 makes any attempt fail at once.
 - `/health` answers before the model is loaded: the model loads on the first transcription (`models.py`,
