@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from consumer import audio  # noqa: E402
-from consumer.transcribe import OpenAITranscriber  # noqa: E402
+from consumer.transcribe_openai import OpenAITranscriber  # noqa: E402
 
 RATE = 16_000
 TARGET_RSS_MB = 250

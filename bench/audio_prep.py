@@ -21,7 +21,8 @@ import openai
 
 from bench.common import Bench, figure
 from bench.stack import ROOT, write_wav
-from consumer.transcribe import API_FORMATS, AudioLimits, AudioPart, OpenAITranscriber, transcribe_parts
+from consumer.transcribe import API_FORMATS, AudioLimits, AudioPart, transcribe_parts
+from consumer.transcribe_openai import OpenAITranscriber
 
 HOUR = 3600.0
 MODEL = "gpt-transcribe"

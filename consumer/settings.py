@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(None, description="OpenAI API key.")
     openai_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the SDK's own name).")
     transcribe_model: str = Field("gpt-transcribe", description="OpenAI transcription model.")
+    transcribe_response_format: Literal["auto", "json", "verbose_json"] = Field(
+        "auto", description="auto: what the model is documented to take (verbose_json only for whisper-1); "
+        "verbose_json for a compatible server that gives segments."
+    )
     openai_max_retries: int = Field(
         1, ge=0, le=5, description="SDK retries per attempt; they stack with SQS redelivery."
     )
@@ -195,6 +199,13 @@ class Settings(BaseSettings):
                 out.append("WP_SIDE_CAR_CALLBACK: must not carry credentials")
         if self.transcriber == "openai" and not (self.openai_api_key or self.openai_base_url):
             out.append("OPENAI_API_KEY: required when TRANSCRIBER=openai")
+        if self.transcribe_response_format == "verbose_json":
+            from consumer.transcribe_openai import MODELS
+
+            profile = MODELS.get(self.transcribe_model)
+            if profile and profile.response_format != "verbose_json":
+                out.append(f"TRANSCRIBE_RESPONSE_FORMAT: {self.transcribe_model} replies only json "
+                           "(the API refuses verbose_json); use auto")
         if self.retry_max_delay < self.retry_base_delay:
             out.append("RETRY_MAX_DELAY: must be at least RETRY_BASE_DELAY")
         return out

@@ -86,3 +86,13 @@ def test_run_problems_list_what_run_needs():
     problems = build(sqs_queue_url="", s3_bucket="", wp_side_car_callback="", wp_server_token="").run_problems()
     assert [p.split(":")[0] for p in problems] == ["SQS_QUEUE_URL", "S3_BUCKET", "WP_SIDE_CAR_CALLBACK",
                                                    "WP_SERVER_TOKEN"]
+
+
+def test_verbose_json_for_a_model_that_only_replies_json_is_refused_at_start():
+    with pytest.raises(ConfigError) as err:
+        build(transcribe_model="gpt-4o-transcribe", transcribe_response_format="verbose_json")
+    assert any(p.startswith("TRANSCRIBE_RESPONSE_FORMAT: gpt-4o-transcribe replies only json")
+               for p in err.value.problems)
+    # A compatible server's own model name may be asked for segments.
+    assert build(transcribe_model="Systran/faster-whisper-base",
+                 transcribe_response_format="verbose_json").transcribe_response_format == "verbose_json"
