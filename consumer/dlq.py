@@ -2,6 +2,15 @@
 
 Redrive is our own (receive -> send to source -> delete) because StartMessageMoveTask cannot select
 single jobs and local stacks (moto) do not implement it.
+
+Why a walk hides what it reads: SQS has no peek. The only way to read a message is to receive it, and
+nothing says which messages a receive returns, so a listing that received with visibility 0 (hiding
+nothing) could get the same ten back every time and never know it had seen them all. Hiding each
+message while the walk lasts is what makes it complete and finite. The price is that a walk must hand
+back (visibility 0) every message it did not delete, however it ends: done, an AWS error, a broken
+pipe, Ctrl-C. `Walk` does that on exit; if the hand-back itself fails, its error says how many stay
+hidden and for how long, and `dlq ls` says how many were hidden when it started, so an empty listing
+never passes for an empty DLQ.
 """
 
 from __future__ import annotations
@@ -10,11 +19,15 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 
+from consumer.errors import ConsumerError, PermanentError
 from consumer.sqs import Message, SqsQueue
 
 DLQ_ATTRIBUTES = ("error_code", "error_message", "failed_at", "source_message_id", "receive_count")
-LIST_VISIBILITY = 60  # long enough to walk the whole queue without seeing a message twice
+# Long enough to walk a large DLQ without meeting a message twice; also the longest a message can stay
+# hidden if handing it back fails.
+LIST_VISIBILITY = 60
 
 
 @dataclass(frozen=True)
@@ -54,48 +67,93 @@ class Progress:
         print(("\r" if self.tty else "") + f"{self.label}: {self.count} done", file=sys.stderr, flush=True)
 
 
-def walk(dlq: SqsQueue, *, wait_seconds: int = 1) -> Iterator[DeadLetter]:
-    """Every message of the DLQ once; each stays hidden while walked (until released or deleted)."""
-    seen: set[str] = set()
-    while True:
-        batch = dlq.receive(10, wait_seconds=wait_seconds, visibility_timeout=LIST_VISIBILITY)
-        if not batch:
-            return
-        repeats = [m for m in batch if m.message_id in seen]
-        if repeats:  # walked longer than LIST_VISIBILITY: hand them back, keep going
-            dlq.change_visibility_batch([(m, 0) for m in repeats])
-            if len(repeats) == len(batch) and len(seen) > 0:
-                return  # only repeats left: every message has been seen
-        for m in batch:
-            if m.message_id not in seen:
-                seen.add(m.message_id)
-                yield DeadLetter(m)
+class Walk:
+    """Every message of the DLQ once, each hidden while walked; on exit, every one not `settled` (deleted)
+    is made visible again. Use it in a `with` block, so that happens however the block ends."""
+
+    def __init__(self, dlq: SqsQueue, *, wait_seconds: int = 1) -> None:
+        self.dlq = dlq
+        self.wait_seconds = wait_seconds
+        self.hidden: dict[str, Message] = {}  # by message id, with the latest receipt handle
+
+    def __enter__(self) -> Walk:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.hand_back(list(self.hidden.values()))
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        seen: set[str] = set()
+        while True:
+            batch = self.dlq.receive(10, wait_seconds=self.wait_seconds, visibility_timeout=LIST_VISIBILITY)
+            if not batch:
+                return
+            # Recorded before anything else can fail: a receipt we do not know of cannot be handed back.
+            self.hidden.update((m.message_id, m) for m in batch)
+            repeats = [m for m in batch if m.message_id in seen]
+            if repeats:  # walked longer than LIST_VISIBILITY: hand them back, keep going
+                self.hand_back(repeats)
+                if len(repeats) == len(batch):
+                    return  # only repeats left: every message has been seen
+            for m in batch:
+                if m.message_id not in seen:
+                    seen.add(m.message_id)
+                    yield DeadLetter(m)
+
+    def settled(self, letter: DeadLetter) -> None:
+        """The letter was deleted: nothing to hand back."""
+        self.hidden.pop(letter.message.message_id, None)
+
+    def hand_back(self, messages: list[Message]) -> None:
+        """Make messages visible again, ten a request, trying every batch even when one fails."""
+        stuck: list[Message] = []
+        cause: ConsumerError | None = None
+        for i in range(0, len(messages), 10):
+            chunk = messages[i:i + 10]
+            try:
+                stuck += self.dlq.change_visibility_batch([(m, 0) for m in chunk])
+            except ConsumerError as exc:
+                stuck += chunk
+                cause = exc
+        for m in messages:
+            self.hidden.pop(m.message_id, None)
+        if stuck:
+            raise PermanentError(
+                f"{len(stuck)} dead letter(s) could not be made visible again and stay hidden for up to "
+                f"{LIST_VISIBILITY} s{f': {cause}' if cause else ''}", code="dead_letters_hidden")
 
 
-def list_dead_letters(dlq: SqsQueue, out: Callable[[str], None] = print) -> int:
+def list_dead_letters(dlq: SqsQueue, out: Callable[[str], None] = print,
+                      note: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> int:
+    """Print one row per dead letter and return how many; none stays hidden afterwards."""
+    _, hidden_before = dlq.counts()
     out("job_id\terror_code\tfailed_at\treceive_count\terror_message")
-    walked = []
-    for letter in walk(dlq):
-        walked.append(letter.message)
-        out(letter.row())
-    for i in range(0, len(walked), 10):  # make them visible again: listing must not delay a redrive
-        dlq.change_visibility_batch([(m, 0) for m in walked[i:i + 10]])
-    return len(walked)
+    count = 0
+    with Walk(dlq) as walk:  # listing must not delay a redrive: everything is handed back on exit
+        for letter in walk:
+            out(letter.row())
+            count += 1
+    if hidden_before:
+        note(f"about {hidden_before} more dead letter(s) were hidden when the listing started (being redriven "
+             f"or listed elsewhere, or left by an interrupted run); they reappear within {LIST_VISIBILITY} s "
+             "unless deleted")
+    return count
 
 
 def redrive(dlq: SqsQueue, source: SqsQueue, *, job_ids: set[str] | None) -> int:
     """Move matching messages (all when job_ids is None) back to the source queue, body and signature intact."""
     progress = Progress("redriven")
-    skipped = []
-    for letter in walk(dlq):
-        if job_ids is not None and letter.job_id not in job_ids:
-            skipped.append(letter.message)
-            continue
-        original = {k: v for k, v in letter.message.attributes.items() if k not in DLQ_ATTRIBUTES}
-        source.send(letter.message.body, original)
-        dlq.delete(letter.message)
-        progress.step()
-    for i in range(0, len(skipped), 10):
-        dlq.change_visibility_batch([(m, 0) for m in skipped[i:i + 10]])
+    # Letters not chosen stay hidden until the walk ends (so it does not meet them again), then are handed
+    # back. A letter sent but not deleted (the delete failed) is handed back too: a second copy of a job
+    # is harmless (results are stored, jobs leased), a hidden dead letter is not.
+    with Walk(dlq) as walk:
+        for letter in walk:
+            if job_ids is not None and letter.job_id not in job_ids:
+                continue
+            original = {k: v for k, v in letter.message.attributes.items() if k not in DLQ_ATTRIBUTES}
+            source.send(letter.message.body, original)
+            dlq.delete(letter.message)
+            walk.settled(letter)
+            progress.step()
     progress.close()
     return progress.count

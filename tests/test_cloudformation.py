@@ -19,6 +19,7 @@ from typing import Any
 
 import boto3
 import pytest
+from cfnlint.decode.cfn_yaml import loads as load_template  # type: ignore[import-untyped]
 from moto import mock_aws
 
 from tests.conftest import DaemonProcess, send_job, upload
@@ -61,7 +62,8 @@ def create_stack(name: str, **parameters: str) -> dict[str, str]:
     with warnings.catch_warnings():
         # moto does not model AWS::SQS::QueuePolicy (the TLS-only deny); it skips it with a warning.
         warnings.filterwarnings("ignore", message=".*AWS::SQS::QueuePolicy.*")
-        cfn.create_stack(StackName=name, TemplateBody=TEMPLATE.read_text(), Parameters=params)
+        cfn.create_stack(StackName=name, TemplateBody=TEMPLATE.read_text(), Parameters=params,
+                         Capabilities=["CAPABILITY_IAM"])  # as AWS demands; moto does not check
     stack = cfn.describe_stacks(StackName=name)["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
     return {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
@@ -174,7 +176,7 @@ def test_daemon_runs_against_the_stack_queues(moto_server: MotoServer, spawn_dae
     params = {"BucketName": bucket, "NamePrefix": f"cfn-{tag}", "Environment": "dev", "VisibilityTimeout": "30"}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*AWS::SQS::QueuePolicy.*")
-        cfn.create_stack(StackName=f"sidecar-{tag}", TemplateBody=TEMPLATE.read_text(),
+        cfn.create_stack(StackName=f"sidecar-{tag}", TemplateBody=TEMPLATE.read_text(), Capabilities=["CAPABILITY_IAM"],
                          Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()])
     stack = cfn.describe_stacks(StackName=f"sidecar-{tag}")["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
@@ -212,10 +214,8 @@ IAM_NAME_PROPERTIES = {"AWS::IAM::ManagedPolicy": "ManagedPolicyName", "AWS::IAM
 
 
 def required_capabilities(template: Path) -> set[str]:
-    from cfnlint.decode.cfn_yaml import loads
-
     needed = set()
-    for resource in loads(template.read_text())["Resources"].values():
+    for resource in load_template(template.read_text())["Resources"].values():
         kind = resource["Type"]
         if kind.startswith("AWS::IAM::"):
             named = IAM_NAME_PROPERTIES.get(kind) in resource.get("Properties", {})
@@ -242,13 +242,11 @@ def option(command: list[str], name: str) -> list[str]:
 
 
 def test_runbook_deploy_commands_acknowledge_the_iam_resources() -> None:
-    from cfnlint.decode.cfn_yaml import loads
-
     commands = runbook_deploy_commands()
     assert len(commands) == 2, "expected the prod and dev deploy commands in docs/operations.md"
     needed = required_capabilities(TEMPLATE)
     assert needed == {"CAPABILITY_IAM"}  # the policies are unnamed: CAPABILITY_NAMED_IAM would be too much
-    parameters = loads(TEMPLATE.read_text())["Parameters"]
+    parameters = load_template(TEMPLATE.read_text())["Parameters"]
     for command in commands:
         assert needed <= set(option(command, "--capabilities")), f"{shlex.join(command)}: needs {needed}"
         assert (ROOT / option(command, "--template-file")[0]).resolve() == TEMPLATE
