@@ -23,8 +23,11 @@ EXIT_CONFIG = 2
 log = logging.getLogger("consumer")
 
 
-def _settings(**overrides: Any) -> Settings:
-    return load_settings(**overrides)
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    named = args.env_file  # None: the optional .env of the working directory
+    if named is not None and not os.access(named, os.R_OK):
+        raise ConfigError([f"--env-file {named}: no such file, or not readable by this user (sudo?)"])
+    return load_settings(env_file=named or ".env", **overrides)
 
 
 def _logging(settings: Settings) -> None:
@@ -44,7 +47,7 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
     from consumer.app import build_daemon, install_signal_handlers
     from consumer.sdnotify import Notifier
 
-    settings = _settings(**(overrides or {}))
+    settings = _settings(args, **(overrides or {}))
     _logging(settings)
     sqs, s3 = _clients(settings)
     daemon = build_daemon(settings, sqs=sqs, s3=s3, notifier=Notifier(os.environ.get("NOTIFY_SOCKET")))
@@ -64,12 +67,12 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
 def cmd_dev(args: argparse.Namespace) -> int:
     from consumer.devstack import SAMPLE, start_local_stack
 
-    settings = _settings()
+    settings = _settings(args)
     if settings.sqs_queue_url:
         return cmd_run(args)
     _logging(settings)
     overrides: dict[str, Any] = start_local_stack(settings.aws_region)
-    local = _settings(**overrides)
+    local = _settings(args, **overrides)
     if local.transcriber_kind == "openai" or SAMPLE.exists():
         from consumer.ops import enqueue
 
@@ -83,15 +86,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from consumer.ops import dependency_checks, run_checks
 
-    settings = _settings()
+    settings = _settings(args)
     sqs, s3 = _clients(settings)
-    return 0 if run_checks(dependency_checks(settings, sqs, s3)) else 1
+    return 0 if run_checks(dependency_checks(settings, sqs, s3, probe=args.probe)) else 1
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from consumer.ops import enqueue
 
-    settings = _settings()
+    settings = _settings(args)
     try:
         metadata = json.loads(args.metadata) if args.metadata else None
     except ValueError as exc:
@@ -114,7 +117,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from consumer.app import find_dlq
     from consumer.sqs import SqsQueue
 
-    settings = _settings()
+    settings = _settings(args)
     if not settings.sqs_queue_url:
         raise ConfigError(["SQS_QUEUE_URL: required (the DLQ is found from the queue's RedrivePolicy)"])
     sqs, _ = _clients(settings)
@@ -147,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
                     "an optional .env file (see .env.example).",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--env-file", metavar="PATH",
+                   help="read variables from this file (default: .env in the working directory); the "
+                   "environment wins over it. E.g. /etc/salestrainer-sidecar/prod.env, the unit's EnvironmentFile")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon", description="Long-poll SQS and process jobs until "
@@ -166,6 +172,10 @@ def parser() -> argparse.ArgumentParser:
                            "the model) and the WordPress callback host (TCP connect, nothing is posted). One line "
                            "per check with a pass/fail mark; exit 1 if any failed, 2 on a configuration error. "
                            "Secrets are never printed.")
+    check.add_argument("--probe", action="store_true",
+                       help="also transcribe a one-second speech clip shipped with the package, with exactly the "
+                       "request a job would send, and print the endpoint's own error if it refuses (costs a "
+                       "fraction of a cent); deploy.sh runs this before restarting prod")
     check.set_defaults(fn=cmd_check)
 
     enq = sub.add_parser("enqueue", help="upload a recording (if local) and send a signed job",

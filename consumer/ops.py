@@ -1,4 +1,9 @@
-"""Operator commands besides the daemon: `sidecar check` (reach every dependency) and `sidecar enqueue`."""
+"""Operator commands besides the daemon: `sidecar check` (reach every dependency) and `sidecar enqueue`.
+
+`check --probe` also sends `data/probe.wav` (one second of speech, 16 kHz WAV) to the configured
+transcriber with exactly the request a job would send, so a model, key or format the endpoint refuses is
+seen before traffic meets it (deploy.sh runs it before restarting prod). It costs a fraction of a cent.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,10 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
     from consumer.settings import Settings
+    from consumer.transcribe import Transcriber
 
 Check = tuple[str, Callable[[], str]]
+PROBE_CLIP = Path(__file__).resolve().parent / "data" / "probe.wav"
 
 
 def run_checks(checks: list[Check], out: Callable[[str], None] = print) -> bool:
@@ -42,8 +49,8 @@ def run_checks(checks: list[Check], out: Callable[[str], None] = print) -> bool:
     return ok
 
 
-def dependency_checks(settings: Settings, sqs: SQSClient, s3: S3Client) -> list[Check]:
-    """The checks `sidecar check` runs, in order."""
+def dependency_checks(settings: Settings, sqs: SQSClient, s3: S3Client, *, probe: bool = False) -> list[Check]:
+    """The checks `sidecar check` runs, in order (`probe`: transcribe the probe clip as a job would)."""
 
     def config() -> str:
         problems = settings.run_problems()
@@ -65,9 +72,12 @@ def dependency_checks(settings: Settings, sqs: SQSClient, s3: S3Client) -> list[
         return f"{visible} visible, {in_flight} in flight; {dlq}"
 
     def transcriber() -> str:
-        from consumer.transcribe import OpenAITranscriber, build_transcriber
+        from consumer.transcribe import build_transcriber
+        from consumer.transcribe_openai import OpenAITranscriber
 
         backend = build_transcriber(settings)
+        if probe:
+            return probe_transcriber(backend)
         if isinstance(backend, OpenAITranscriber):
             backend.client.models.list()
             return f"OpenAI reachable, model {backend.model}"
@@ -82,6 +92,26 @@ def dependency_checks(settings: Settings, sqs: SQSClient, s3: S3Client) -> list[
 
     return [("configuration", config), ("S3 bucket", bucket), ("SQS queue", queue),
             ("transcription", transcriber), ("WordPress callback host", callback)]
+
+
+def probe_transcriber(backend: Transcriber) -> str:
+    """Transcribe the probe clip the way a job's part is sent; raise with the endpoint's own words if refused."""
+    from consumer.transcribe import AudioPart
+    from consumer.transcribe_openai import OpenAITranscriber
+
+    part = AudioPart(PROBE_CLIP, PROBE_CLIP.name, duration=1.0)
+    transcript = backend.transcribe(part, language=None, prompt=None)
+    if isinstance(backend, OpenAITranscriber):
+        refused = backend.refused
+        if refused:  # jobs would still complete, but not as configured: say so before traffic does
+            raise ConfigError([f"TRANSCRIBE_MODEL {backend.model}: the endpoint refused `{param}` (jobs would "
+                               f"fall back without it): {error}" for param, error in refused.items()])
+        how = f"{backend.model} ({backend.response_format})"
+    else:
+        how = backend.model
+    if not transcript.text:
+        raise ConfigError([f"{how}: transcribed 1 s of speech as empty text (is it the right model?)"])
+    return f"{how} transcribed the probe clip: {transcript.text!r}"
 
 
 def enqueue(settings: Settings, sqs: SQSClient, s3: S3Client, source: str, *, job_id: str | None = None,

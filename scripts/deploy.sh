@@ -10,9 +10,13 @@ Run on the host, in the instance's checkout (/opt/salestrainer-sidecar/<instance
 checks TAG out as a detached HEAD, installs it into .venv, restarts salestrainer-sidecar@<instance>
 and verifies, pausing at each checkpoint ("Does this look correct? [y/N]"):
   1. git describe --tags is TAG
-  2. systemctl is-active says active
-  3. GET /health answers 200 (port: METRICS_PORT of /etc/salestrainer-sidecar/<instance>.env, default 9002)
-  4. journalctl -p err shows nothing since the deploy started
+  2. the new release's `sidecar check --probe` passes with the instance's env file, before the restart:
+     the configuration, S3, SQS and the callback host are reachable, and the transcription endpoint
+     transcribes a one-second clip sent exactly as a job's would be (a model or format it refuses
+     stops the deploy here, with the API's own error, before any traffic meets it)
+  3. systemctl is-active says active
+  4. GET /health answers 200 (port: METRICS_PORT of /etc/salestrainer-sidecar/<instance>.env, default 9002)
+  5. journalctl -p err shows nothing since the deploy started
 A failed check (or a "n" after the change) offers to roll back to the release that ran before; with
 --yes the rollback is performed. Either way the exit status is 1.
 
@@ -28,6 +32,9 @@ Options:
 Environment (mainly for tests):
   DEPLOY_INSTALL_CMD     install command run with bash in the checkout
                          (default: create .venv if missing, then .venv/bin/pip install -q -e .)
+  DEPLOY_PROBE_CMD       the checkpoint-2 command, run with bash in the checkout; $ENV_FILE names the
+                         instance's env file (default: .venv/bin/sidecar --env-file "$ENV_FILE" check --probe,
+                         under DEPLOY_SUDO; a rollback skips it: it must not wait for the endpoint)
   DEPLOY_ENV_DIR         directory of the instance env files (default: /etc/salestrainer-sidecar)
   DEPLOY_HEALTH_URL      health URL (default: http://127.0.0.1:<METRICS_PORT>/health)
   DEPLOY_HEALTH_TIMEOUT  seconds to wait for /health to answer 200 (default: 60)
@@ -37,6 +44,7 @@ EOF
 }
 
 DEFAULT_INSTALL_CMD='if [ ! -x .venv/bin/pip ]; then python3 -m venv .venv; fi; .venv/bin/pip install -q -e .'
+DEFAULT_PROBE_CMD='.venv/bin/sidecar --env-file "$ENV_FILE" check --probe'
 
 # Globals set by main(): INSTANCE UNIT DIR REMOTE SUDO NO_ROLLBACK, and per attempt START.
 
@@ -155,7 +163,7 @@ deploy_ref() {
   step "Installing into $DIR/.venv"
   bash -c "${DEPLOY_INSTALL_CMD:-$DEFAULT_INSTALL_CMD}" </dev/null || fail "install failed"
 
-  step "Checkpoint 1/4: version"
+  step "Checkpoint 1/5: version"
   described=$(git describe --tags 2>/dev/null || git rev-parse --short HEAD)
   say "git describe --tags: $described"
   if [[ $ref == "$commit" ]]; then
@@ -165,7 +173,15 @@ deploy_ref() {
   fi
   checkpoint "version"
 
-  step "Checkpoint 2/4: restart"
+  if [[ $mode == deploy ]]; then
+    step "Checkpoint 2/5: sidecar check --probe (the new release, before the restart)"
+    $SUDO env ENV_FILE="${DEPLOY_ENV_DIR:-/etc/salestrainer-sidecar}/$INSTANCE.env" \
+      bash -c "${DEPLOY_PROBE_CMD:-$DEFAULT_PROBE_CMD}" </dev/null >&2 ||
+      fail "sidecar check --probe failed (see its [FAIL] lines above); $UNIT still runs the old release"
+    checkpoint "probe"
+  fi
+
+  step "Checkpoint 3/5: restart"
   # Type=notify: this returns once the daemon has said READY=1 (its first successful receive).
   $SUDO systemctl restart "$UNIT" </dev/null || fail "systemctl restart $UNIT failed"
   local state
@@ -174,7 +190,7 @@ deploy_ref() {
   [[ $state == active ]] || fail "$UNIT is $state"
   checkpoint "restart"
 
-  step "Checkpoint 3/4: health"
+  step "Checkpoint 4/5: health"
   local url answer deadline=$((SECONDS + ${DEPLOY_HEALTH_TIMEOUT:-60}))
   url=$(health_url)
   while :; do
@@ -186,7 +202,7 @@ deploy_ref() {
   [[ ${answer%% *} == 200 ]] || fail "$url answered ${answer%% *}, not 200"
   checkpoint "health"
 
-  step "Checkpoint 4/4: errors in the journal since the $mode started"
+  step "Checkpoint 5/5: errors in the journal since the $mode started"
   local errors
   errors=$($SUDO journalctl -u "$UNIT" --since "@$START" -p err --no-pager -q -o short-iso </dev/null) ||
     fail "journalctl -u $UNIT failed"

@@ -66,6 +66,11 @@ def wordpress() -> Iterator[WordPressStub]:
 @pytest.fixture
 def env(aws: AwsStack, openai_stub: OpenAIStub, wordpress: WordPressStub, tmp_path: Path) -> dict[str, str]:
     """Environment variables for a daemon wired to the local stack."""
+    return stack_env(aws, openai_stub, wordpress, tmp_path)
+
+
+def stack_env(aws: AwsStack, openai_stub: OpenAIStub, wordpress: WordPressStub, tmp_path: Path) -> dict[str, str]:
+    """Environment variables for a daemon wired to these stand-ins."""
     return {
         **aws.env(),
         "OPENAI_API_KEY": OPENAI_KEY, "OPENAI_BASE_URL": openai_stub.base_url, "TRANSCRIBER": "openai",

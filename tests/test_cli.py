@@ -12,6 +12,7 @@ import pytest
 from consumer.dlq import DLQ_ATTRIBUTES
 from tests.conftest import SECRET, SPEECH, send_job
 from tests.stack import wait_for
+from tests.stack.openai_stub import Reply, error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,6 +64,44 @@ def test_check_passes_against_the_local_stack(env, tmp_path):
         assert secret not in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("model", ["gpt-transcribe", "gpt-4o-transcribe", "whisper-1"])
+def test_check_probe_sends_the_clip_as_a_job_would(env, tmp_path, openai_stub, model):
+    out = sidecar("check", "--probe", env={**env, "TRANSCRIBE_MODEL": model}, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert any(line.startswith(f"[ ok ] transcription: {model} (") for line in out.stdout.splitlines())
+    [request] = openai_stub.requests  # one request, the shape a job's would have; nothing refused
+    assert request.model == model and request.filename == "probe.wav" and not openai_stub.refused
+    assert request.fields["response_format"] == ("verbose_json" if model == "whisper-1" else "json")
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    # The API's own words reach the operator: an unknown model ...
+    ({"TRANSCRIBE_MODEL": "whisper-9000-typo"}, "The model `whisper-9000-typo` does not exist"),
+    # ... and a format a compatible server or model will not give (jobs would fall back; deploy must not).
+    ({"TRANSCRIBE_MODEL": "gpt-4o-transcribe", "TRANSCRIBE_RESPONSE_FORMAT": "verbose_json"}, None),
+])
+def test_check_probe_prints_the_endpoints_refusal(env, tmp_path, openai_stub, extra, expected):
+    if expected is None:  # refused at start-up already, before anything is sent
+        out = sidecar("check", "--probe", env={**env, **extra}, cwd=tmp_path)
+        assert out.returncode == 2 and "TRANSCRIBE_RESPONSE_FORMAT" in out.stderr and not openai_stub.refused
+        return
+    out = sidecar("check", "--probe", env={**env, **extra}, cwd=tmp_path)
+    assert out.returncode == 1
+    [fail] = [line for line in out.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert fail.startswith("[FAIL] transcription:") and expected in fail and "Traceback" not in out.stderr
+
+
+def test_check_probe_fails_when_the_endpoint_refuses_an_optional_parameter(env, tmp_path, openai_stub):
+    """Jobs would fall back to json and complete, but not as configured: the deploy checkpoint stops."""
+    openai_stub.script.append(Reply(400, body=error("timestamps are not supported here",
+                                                    param="timestamp_granularities[]")))
+    out = sidecar("check", "--probe", env={**env, "TRANSCRIBE_MODEL": "whisper-1"}, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout
+    [fail] = [line for line in out.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert "refused `timestamp_granularities`" in fail and "timestamps are not supported here" in fail
+    assert [r.fields["response_format"] for r in openai_stub.requests] == ["verbose_json", "json"]
+
+
 def test_check_fails_with_a_mark_per_failure(env, tmp_path):
     out = sidecar("check", env={**env, "WP_SIDE_CAR_CALLBACK": "http://127.0.0.1:9/cb", "S3_BUCKET": "nope-bucket"},
                   cwd=tmp_path)
@@ -107,3 +146,14 @@ def test_dlq_ls_redrive_purge(aws, env, tmp_path, run_daemon, wordpress):
     out = sidecar("dlq", "purge", "--yes", env=env, cwd=tmp_path)
     assert out.returncode == 0
     wait_for(lambda: aws.counts(aws.dlq_url) == (0, 0), timeout=10, what="purged")
+
+
+def test_env_file_names_the_instances_variables(env, tmp_path):
+    """`--env-file` reads a systemd EnvironmentFile, as deploy.sh's probe does; a missing one is one line."""
+    env_file = tmp_path / "prod.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    out = sidecar("--env-file", str(env_file), "check", env={}, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    missing = sidecar("--env-file", str(tmp_path / "nope.env"), "check", env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"configuration error: --env-file {tmp_path / 'nope.env'}: no such file, or not readable by this user (sudo?)"]

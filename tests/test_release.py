@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import send_job
+from tests.conftest import send_job, stack_env
 from tests.stack.aws import AwsStack
+from tests.stack.openai_stub import OpenAIStub
 from tests.stack.wordpress import WordPressStub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,6 +353,7 @@ def host(tmp_path: Path, origin: Path, work: Path, env: dict[str, str]) -> Itera
         "DEPLOY_SUDO": "",
         "DEPLOY_HEALTH_TIMEOUT": "3",
         "DEPLOY_INSTALL_CMD": 'echo "install $(git describe --tags)" >> "$STUB_STATE/calls"',
+        "DEPLOY_PROBE_CMD": 'echo "probe $(git describe --tags) $ENV_FILE" >> "$STUB_STATE/calls"',
     }
     try:
         yield host
@@ -375,14 +377,17 @@ def test_deploy_happy_path(host: Host) -> None:
     assert f"systemctl restart {UNIT}" in calls
     assert f"systemctl is-active {UNIT}" in calls
     assert any(c.startswith(f"journalctl -u {UNIT} --since @") and "-p err" in c for c in calls)
+    # The new release is probed with the instance's env file before it is restarted.
+    probe = calls.index(f"probe {TAGS['C']} {host.env['DEPLOY_ENV_DIR']}/prod.env")
+    assert calls.index(f"install {TAGS['C']}") < probe < calls.index(f"systemctl restart {UNIT}")
     assert host.health_requests >= 1
-    assert proc.stderr.count("Does this look correct? [y/N] y (--yes)") == 4
+    assert proc.stderr.count("Does this look correct? [y/N] y (--yes)") == 5
 
 
 def test_deploy_checkpoints_ask_each_time(host: Host) -> None:
-    proc = deploy(host, TAGS["B"], answers="y\n" * 5)
+    proc = deploy(host, TAGS["B"], answers="y\n" * 6)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.count("Does this look correct? [y/N]") == 4
+    assert proc.stderr.count("Does this look correct? [y/N]") == 5
     assert host.head() == TAGS["B"]
 
 
@@ -482,6 +487,33 @@ def test_the_stand_in_journal_reads_priorities_like_journald(host: Host) -> None
                          ("3..", "Failed to parse log level range 3..")]:
         proc = host.run("journalctl", "-u", UNIT, "-p", bad)
         assert proc.returncode == 1 and message in proc.stderr
+
+
+@pytest.mark.e2e
+def test_a_model_the_endpoint_refuses_stops_the_deploy_before_the_restart(
+    host: Host, aws: AwsStack, openai_stub: OpenAIStub, wordpress: WordPressStub, tmp_path: Path
+) -> None:
+    """Checkpoint 2 runs the real `sidecar check --probe` with the instance's env file against the
+    stand-in endpoint: a model it does not serve never reaches the restart, and the API's words are shown."""
+    env_file = Path(host.env["DEPLOY_ENV_DIR"]) / "prod.env"
+    stack = {**stack_env(aws, openai_stub, wordpress, tmp_path), "ENVIRONMENT": "prod",
+             "TRANSCRIBE_MODEL": "whisper-9000-typo"}
+    lines = [f"{k}={v}" for k, v in stack.items() if k != "METRICS_PORT"]  # the file's own port is /health's
+    env_file.write_text(env_file.read_text() + "\n".join(lines) + "\n")
+    host.env["DEPLOY_PROBE_CMD"] = f'{shlex.quote(sys.executable)} -m consumer --env-file "$ENV_FILE" check --probe'
+    proc = deploy(host, TAGS["C"], "--yes")
+    assert proc.returncode == 1
+    [fail] = [line for line in proc.stderr.splitlines() if line.startswith("[FAIL]")]
+    assert fail.startswith("[FAIL] transcription:") and "OpenAI 404" in fail
+    assert "whisper-9000-typo` does not exist" in fail
+    assert "VERIFICATION FAILED: sidecar check --probe failed" in proc.stderr
+    assert f"systemctl restart {UNIT}" not in host.calls()[: host.calls().index(f"install {TAGS['A']}")]
+    assert host.head() == TAGS["A"] and len(openai_stub.refused) == 1
+    # With the model it serves, the same probe passes and the deploy goes on.
+    env_file.write_text(env_file.read_text().replace("whisper-9000-typo", "whisper-1"))
+    again = deploy(host, TAGS["C"], "--yes")
+    assert again.returncode == 0, again.stderr
+    assert len(openai_stub.requests) == 1
 
 
 def daemon_service(aws: AwsStack, wordpress: WordPressStub, tmp_path: Path) -> str:
