@@ -1,8 +1,8 @@
 """An OpenAI-compatible `POST /v1/audio/transcriptions` (multipart) and `GET /v1/models`, built from the reference.
 
 It refuses what the real API refuses and answers in the shapes it answers in. Every rule below cites
-where it comes from (../shared/REALITY.md collects them); where the real behaviour is unknown, the
-stand-in takes the strictest plausible reading and says so:
+where it comes from (../shared/REALITY.md and docs/reality.md collect them); where the real behaviour is
+unknown, the stand-in takes the strictest plausible reading and says so:
 
     auth       no `Authorization: Bearer` -> 401                             (API reference, Authentication)
     model      unknown -> 404 model_not_found                                (observed error shape, below)
