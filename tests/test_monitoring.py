@@ -122,6 +122,7 @@ def test_every_alert_has_a_firing_test_and_the_suite_has_a_quiet_case() -> None:
         "SidecarQueueBacklogGrowing",
         "SidecarJobsWaitTooLong",
         "SidecarOpenAIRateLimited",
+        "SidecarNoJobCompleted",
     ):
         assert required in alerts
 
@@ -180,13 +181,39 @@ def _anchor(heading: str) -> str:
     return text.replace(" ", "-")
 
 
+# The runbook link of every alert: the external label runbook_base (when set), then the runbook's path.
+RUNBOOK_URL = re.compile(
+    r"^\{\{ with \$externalLabels\.runbook_base \}\}\{\{ \. \}\}/\{\{ end \}\}docs/operations\.md#(?P<anchor>[\w-]+)$"
+)
+
+
 def test_alert_runbook_links_point_at_runbook_sections() -> None:
     yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
     runbook = MONITORING.parent / "docs" / "operations.md"
     anchors = {_anchor(m) for m in re.findall(r"^#+ (.+)$", runbook.read_text(), re.MULTILINE)}
     rules = yaml.safe_load(ALERTS.read_text())
     for rule in (r for group in rules["groups"] for r in group["rules"]):
-        link = rule["annotations"]["runbook"]
-        path, _, anchor = link.partition("#")
-        assert path == "docs/operations.md", link
-        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in docs/operations.md"
+        link = rule["annotations"]["runbook_url"]
+        match = RUNBOOK_URL.match(link)
+        assert match, f"{rule['alert']}: runbook_url is not built from $externalLabels.runbook_base: {link}"
+        assert match["anchor"] in anchors, f"{rule['alert']}: no section #{match['anchor']} in docs/operations.md"
+
+
+def test_prometheus_config_sets_an_absolute_runbook_base() -> None:
+    """Alertmanager shows runbook_url as a link only when it is absolute; the base comes from here."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    base = config["global"]["external_labels"]["runbook_base"]
+    assert re.fullmatch(r"https://[^\s/]+/\S+[^/]", base), base
+    tests = yaml.safe_load((MONITORING / "alerts_test.yml").read_text())["tests"]
+    # The promtool tests render the links with the same base (all but the one that shows the fallback).
+    bases = [t["external_labels"]["runbook_base"] for t in tests if "external_labels" in t]
+    assert bases and set(bases) == {base}, bases
+
+
+def test_alerts_are_documented_in_the_runbook_table() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    runbook = (MONITORING.parent / "docs" / "operations.md").read_text()
+    rules = yaml.safe_load(ALERTS.read_text())
+    for rule in (r for group in rules["groups"] for r in group["rules"]):
+        assert f"| `{rule['alert']}` |" in runbook, f"{rule['alert']} is missing from the table in docs/operations.md"
