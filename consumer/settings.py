@@ -2,12 +2,20 @@
 
 Variable names of the old Flask sidecar are kept (AWS_REGION, S3_BUCKET, OPENAI_API_KEY, SIDE_CAR_SECRET,
 WP_SIDE_CAR_CALLBACK, WP_SERVER_TOKEN, SEND_X_SERVER_TOKEN_HEADER). Nothing here runs at import time;
-`load_settings()` turns every problem into a `ConfigError` line that names the variable.
+`load_settings()` turns every problem into a `ConfigError` line that names the variable, field errors
+and cross-field problems together: a first pass finds the invalid fields, a second builds the object with
+those at their defaults so the cross-field rules can still be checked (`load_settings_leniently`).
+
+Prod is strict (`ENVIRONMENT=prod`): jobs must be signed, the callback must be https (also to a loopback
+host: in prod a plain-http callback is a dev or test leftover, and a WordPress on the same host has an
+https name too), and the transcriber must be named, not guessed from whether OPENAI_API_KEY is set.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -18,6 +26,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from consumer.errors import ConfigError
 
 SQS_MAX_VISIBILITY = 12 * 60 * 60
+
+# Set while load_settings_leniently builds its second pass: the cross-field validator then leaves the
+# problems to the caller instead of raising them.
+_LENIENT: ContextVar[bool] = ContextVar("settings_lenient", default=False)
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -46,7 +58,9 @@ class Settings(BaseSettings):
     )
 
     # --- where it runs
-    environment: Literal["dev", "prod", "test"] = Field("dev", description="dev, prod or test; prod requires signing.")
+    environment: Literal["dev", "prod", "test"] = Field(
+        "dev", description="dev, prod or test; prod requires signed jobs, an https callback and a named TRANSCRIBER."
+    )
 
     # --- AWS (boto3 also reads its own variables and profiles; these exist so .env files work too)
     aws_region: str = Field("us-east-1", description="AWS region of the queue and the bucket.")
@@ -87,7 +101,7 @@ class Settings(BaseSettings):
 
     # --- transcription
     transcriber: Literal["openai", "local"] | None = Field(
-        None, description="openai or local; default openai when an OpenAI key or base URL is set."
+        None, description="openai or local; empty: openai when an OpenAI key or base URL is set (not in prod)."
     )
     openai_api_key: SecretStr | None = Field(None, description="OpenAI API key.")
     openai_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the SDK's own name).")
@@ -141,6 +155,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Settings:
+        if _LENIENT.get():
+            return self
         problems = self.problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -181,24 +197,18 @@ class Settings(BaseSettings):
     def problems(self) -> list[str]:
         """Cross-field problems, one line each naming the variable."""
         out: list[str] = []
-        if self.environment == "prod" and not self.secrets:
-            out.append("SIDE_CAR_SECRET: required when ENVIRONMENT=prod (jobs must be signed)")
+        prod = self.environment == "prod"
+        if prod:
+            out += self._prod_problems()
         if self.require_signature and not self.secrets:
             out.append("REQUIRE_SIGNATURE: true needs SIDE_CAR_SECRET")
         if self.heartbeat_interval and self.heartbeat_interval >= self.visibility_timeout:
             out.append("HEARTBEAT_INTERVAL: must be shorter than VISIBILITY_TIMEOUT")
         if self.wp_side_car_callback:
-            parts = urlsplit(self.wp_side_car_callback)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                out.append("WP_SIDE_CAR_CALLBACK: not an http(s) URL")
-            elif parts.scheme == "http" and not (
-                self.allow_insecure_callback or is_loopback_host(parts.hostname)
-            ):
-                out.append("WP_SIDE_CAR_CALLBACK: https is required (or ALLOW_INSECURE_CALLBACK=true)")
-            elif parts.username or parts.password:
-                out.append("WP_SIDE_CAR_CALLBACK: must not carry credentials")
+            out += self._callback_problems(self.wp_side_car_callback, prod=prod)
         if self.transcriber == "openai" and not (self.openai_api_key or self.openai_base_url):
-            out.append("OPENAI_API_KEY: required when TRANSCRIBER=openai")
+            out.append("OPENAI_API_KEY: required when TRANSCRIBER=openai (or set OPENAI_BASE_URL for a "
+                       "compatible server)")
         if self.transcribe_response_format == "verbose_json":
             from consumer.transcribe_openai import MODELS
 
@@ -208,6 +218,34 @@ class Settings(BaseSettings):
                            "(the API refuses verbose_json); use auto")
         if self.retry_max_delay < self.retry_base_delay:
             out.append("RETRY_MAX_DELAY: must be at least RETRY_BASE_DELAY")
+        return out
+
+    def _callback_problems(self, url: str, *, prod: bool) -> list[str]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return ["WP_SIDE_CAR_CALLBACK: not an http(s) URL"]
+        if parts.scheme == "http" and prod:
+            return ["WP_SIDE_CAR_CALLBACK: https is required when ENVIRONMENT=prod (also to a loopback host); "
+                    "use the site's https URL"]
+        if parts.scheme == "http" and not (self.allow_insecure_callback or is_loopback_host(parts.hostname)):
+            return ["WP_SIDE_CAR_CALLBACK: https is required (or ALLOW_INSECURE_CALLBACK=true)"]
+        if parts.username or parts.password:
+            return ["WP_SIDE_CAR_CALLBACK: must not carry credentials"]
+        return []
+
+    def _prod_problems(self) -> list[str]:
+        out = []
+        if not self.secrets:
+            out.append("SIDE_CAR_SECRET: required when ENVIRONMENT=prod (jobs must be signed)")
+        if self.require_signature is False:
+            out.append("REQUIRE_SIGNATURE: must not be false when ENVIRONMENT=prod (unsigned jobs would be "
+                       "accepted); leave it empty or set it to true")
+        if self.allow_insecure_callback:
+            out.append("ALLOW_INSECURE_CALLBACK: must be false when ENVIRONMENT=prod (the callback carries "
+                       "WP_SERVER_TOKEN)")
+        if self.transcriber is None:
+            out.append("TRANSCRIBER: required when ENVIRONMENT=prod: openai or local (prod does not guess it "
+                       "from whether OPENAI_API_KEY is set)")
         return out
 
     def run_problems(self) -> list[str]:
@@ -226,15 +264,44 @@ class Settings(BaseSettings):
 
 def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
     """Build Settings from the environment (and .env), or raise ConfigError naming each variable."""
+    settings, problems = load_settings_leniently(env_file, **overrides)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load_settings_leniently(env_file: str | Path | None = ".env", **overrides: Any) -> tuple[Settings, list[str]]:
+    """(settings, every problem): invalid fields are reported and left at their defaults, so the
+    cross-field rules are checked in the same pass and `check` can go on with what is valid."""
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]  # pydantic-settings init kwarg
+        settings = Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]  # pydantic-settings kwarg
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if loc:
-                problems.append(f"{loc.upper()}: {msg}")
-            else:
-                problems.extend(msg.split("; "))
-        raise ConfigError(problems) from None
+        field_problems, broken = _field_problems(exc)
+    else:
+        return settings, []
+    defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True) for name in broken}
+    token = _LENIENT.set(True)
+    try:
+        settings = Settings(_env_file=env_file, **{**overrides, **defaults})  # type: ignore[call-arg]
+    except ValidationError:  # cannot happen with defaults; report what the first pass found
+        raise ConfigError(field_problems) from None
+    finally:
+        _LENIENT.reset(token)
+    # A rule that involves a field replaced by its default would judge the default: that field's own
+    # line already says what is wrong.
+    named = re.compile(r"\b(" + "|".join(name.upper() for name in sorted(broken)) + r")\b") if broken else None
+    return settings, field_problems + [p for p in settings.problems() if not (named and named.search(p))]
+
+
+def _field_problems(exc: ValidationError) -> tuple[list[str], set[str]]:
+    problems: list[str] = []
+    broken: set[str] = set()
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:
+            continue  # the cross-field rules: the lenient pass asks `problems()` for them again
+        if loc[0] in Settings.model_fields:
+            broken.add(loc[0])
+        problems.append(f"{'.'.join(loc).upper()}: {msg}")
+    return problems, broken

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from consumer.errors import ConfigError
-from consumer.settings import load_settings
+from consumer.settings import load_settings, load_settings_leniently
 
 
 def build(**values):
@@ -96,3 +96,56 @@ def test_verbose_json_for_a_model_that_only_replies_json_is_refused_at_start():
     # A compatible server's own model name may be asked for segments.
     assert build(transcribe_model="Systran/faster-whisper-base",
                  transcribe_response_format="verbose_json").transcribe_response_format == "verbose_json"
+
+
+PROD = {"environment": "prod", "side_car_secret": "prod-signing-secret-0123", "transcriber": "openai",
+        "openai_api_key": "sk-prod", "wp_side_car_callback": "https://wp.example.com/wp-json/cb"}
+
+
+def test_a_complete_prod_configuration_passes():
+    assert build(**PROD).signature_required is True
+
+
+@pytest.mark.parametrize(("change", "line"), [
+    ({"require_signature": "false"}, "REQUIRE_SIGNATURE: must not be false when ENVIRONMENT=prod"),
+    ({"allow_insecure_callback": "true"}, "ALLOW_INSECURE_CALLBACK: must be false when ENVIRONMENT=prod"),
+    ({"wp_side_car_callback": "http://wp.example.com/cb"}, "WP_SIDE_CAR_CALLBACK: https is required when "
+                                                           "ENVIRONMENT=prod"),
+    # Strictest reading: no plain http in prod, not even to loopback (a dev stand-in's URL left in prod.env).
+    ({"wp_side_car_callback": "http://127.0.0.1:8080/cb"}, "WP_SIDE_CAR_CALLBACK: https is required when "
+                                                           "ENVIRONMENT=prod"),
+    ({"transcriber": ""}, "TRANSCRIBER: required when ENVIRONMENT=prod"),
+    ({"transcriber": "openai", "openai_api_key": ""}, "OPENAI_API_KEY: required when TRANSCRIBER=openai"),
+    ({"side_car_secret": ""}, "SIDE_CAR_SECRET: required when ENVIRONMENT=prod"),
+])
+def test_prod_refuses_what_the_readme_forbids(change, line, monkeypatch):
+    for var in ("TRANSCRIBER", "OPENAI_API_KEY", "OPENAI_BASE_URL", "REQUIRE_SIGNATURE", "ALLOW_INSECURE_CALLBACK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError) as err:
+        build(**{**PROD, **change})
+    assert [p for p in err.value.problems if p.startswith(line)], err.value.problems
+    assert len(err.value.problems) == 1, err.value.problems  # one line, for the one variable at fault
+
+
+def test_field_errors_and_cross_field_problems_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        build(**{**PROD, "concurrency": "0", "metrics_port": "nope", "require_signature": "false",
+                 "allow_insecure_callback": "true", "heartbeat_interval": "50", "visibility_timeout": "30"})
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "CONCURRENCY", "METRICS_PORT", "REQUIRE_SIGNATURE", "ALLOW_INSECURE_CALLBACK", "HEARTBEAT_INTERVAL"]
+
+
+@pytest.mark.parametrize(("values", "variable"), [
+    ({**PROD, "transcriber": "whisper"}, "TRANSCRIBER"),  # not also "TRANSCRIBER: required" for its default
+    ({"retry_base_delay": "-1", "retry_max_delay": "5"}, "RETRY_BASE_DELAY"),  # nor a rule judging the default
+])
+def test_a_rule_about_an_invalid_field_is_not_reported_twice(values, variable):
+    with pytest.raises(ConfigError) as err:
+        build(**values)
+    assert [p.split(":")[0] for p in err.value.problems] == [variable], err.value.problems
+
+
+def test_leniently_loaded_settings_keep_what_is_valid():
+    settings, problems = load_settings_leniently(env_file=None, s3_bucket="kept", concurrency="0")
+    assert settings.s3_bucket == "kept" and settings.concurrency == 4
+    assert [p.split(":")[0] for p in problems] == ["CONCURRENCY"]
