@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the test suite uses: espeak-ng (speech fixtures), prometheus (promtool and the
-# end-to-end scrape test), systemd (systemd-analyze). Installs only what is missing, and only as root.
+# end-to-end scrape test), systemd (systemd-analyze), logrotate (checks systemd/salestrainer-sidecar.logrotate).
+# Installs only what is missing, and only as root.
 set -euo pipefail
-packages=(espeak-ng prometheus systemd)
+packages=(espeak-ng prometheus systemd logrotate)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
