@@ -19,6 +19,8 @@ message.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ConsumerError(Exception):
     """Base of every error a pipeline stage raises; carries a stable machine-readable code."""
@@ -56,11 +58,13 @@ class InvalidMessageError(PermanentError):
     """A message that is not a valid job; carries what could be read of it for the failed callback."""
 
     def __init__(
-        self, message: str, *, code: str = "invalid_message", job_id: str | None = None, s3_key: str | None = None
+        self, message: str, *, code: str = "invalid_message", job_id: str | None = None, s3_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message, code=code)
         self.job_id = job_id
         self.s3_key = s3_key
+        self.metadata = metadata  # echoed on the failed callback: WordPress finds its record by it (post_id)
 
 
 class ConfigError(Exception):

@@ -244,7 +244,7 @@ class Pipeline:
         """Send the terminal `failed` callback; False when there is no job to report on."""
         job = attempt.job
         if job is None and isinstance(error, InvalidMessageError) and error.job_id:
-            job = JobMessage.model_construct(job_id=error.job_id, s3_key=error.s3_key or "", metadata=None)
+            job = JobMessage.model_construct(job_id=error.job_id, s3_key=error.s3_key or "", metadata=error.metadata)
         if job is None:
             return False
         with self._stage(attempt, "callback"):

@@ -7,14 +7,13 @@ on the raw bytes before the JSON is parsed, so an unsigned body never reaches th
 from __future__ import annotations
 
 import json
-import re
 import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from consumer.errors import InvalidMessageError, PermanentError
-from consumer.models import JobMessage
+from consumer.models import JobMessage, readable_job_id
 from consumer.signing import verify
 
 if TYPE_CHECKING:
@@ -23,14 +22,25 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_KEY_BYTES = 1024
-_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def _hint(data: Any, field: str) -> str | None:
     value = data.get(field) if isinstance(data, dict) else None
     if field == "job_id":
-        return value if isinstance(value, str) and _JOB_ID.match(value) else None
+        return readable_job_id(value)
     return value[:MAX_KEY_BYTES] if isinstance(value, str) else None
+
+
+def _metadata_hint(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata to echo on a failed callback, when it is itself acceptable (WordPress finds its record
+    by it, e.g. post_id); None when it is missing or is what was wrong."""
+    value = data.get("metadata")
+    if isinstance(value, list) and not value:
+        return {}
+    try:
+        return JobMessage.model_validate({"job_id": "x", "s3_key": "x", "metadata": value}).metadata
+    except (ValidationError, RecursionError):
+        return None
 
 
 def _key_problem(key: str, prefix: str | None) -> str | None:
@@ -73,7 +83,7 @@ def _encodable(value: Any) -> bool:
 
 
 def parse_job(message: Message, settings: Settings) -> JobMessage:
-    """Check size, signature, shape and input rules; legacy `{"s3_key"}` bodies get the MessageId."""
+    """Check size, signature, shape and input rules; legacy `{"s3_key"}` bodies get their first MessageId."""
     if len(message.body.encode()) > MAX_BODY_BYTES:
         raise InvalidMessageError(f"body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
     if settings.signature_required:
@@ -91,23 +101,26 @@ def parse_job(message: Message, settings: Settings) -> JobMessage:
         raise InvalidMessageError("body contains an unpaired UTF-16 surrogate escape", job_id=job_id,
                                   s3_key=s3_key if _encodable(s3_key) else None)
     if "job_id" not in data and set(data) <= {"s3_key"}:
-        data = {**data, "job_id": message.message_id}  # the old HTTP endpoint's body
-        job_id = message.message_id
+        # The old HTTP endpoint's body: the job is named by its first MessageId, which every copy we make
+        # (requeue, dead letter, redrive) carries as the `job_id` attribute.
+        job_id = message.attributes.get("job_id") or message.message_id
+        data = {**data, "job_id": job_id}
     try:
         job = JobMessage.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidMessageError(
-            f"{where}: {first['msg']} ({exc.error_count()} problem(s))", job_id=job_id, s3_key=s3_key
-        ) from None
+        what = first["msg"].removeprefix("Value error, ")
+        raise InvalidMessageError(f"{where}: {what} ({exc.error_count()} problem(s))", job_id=job_id,
+                                  s3_key=s3_key, metadata=_metadata_hint(data)) from None
     bucket = job.s3_bucket or settings.s3_bucket
     if bucket not in settings.allowed_buckets:
         raise InvalidMessageError(
             f"bucket {bucket!r} is not S3_BUCKET or in S3_ALLOWED_BUCKETS", code="forbidden_input",
-            job_id=job.job_id, s3_key=job.s3_key,
+            job_id=job.job_id, s3_key=job.s3_key, metadata=job.metadata,
         )
     problem = _key_problem(job.s3_key, settings.s3_key_prefix)
     if problem:
-        raise InvalidMessageError(problem, code="forbidden_input", job_id=job.job_id, s3_key=job.s3_key)
+        raise InvalidMessageError(problem, code="forbidden_input", job_id=job.job_id, s3_key=job.s3_key,
+                                  metadata=job.metadata)
     return job

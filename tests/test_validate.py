@@ -100,3 +100,96 @@ def test_parser_raises_only_invalid_message_error(body):
 def test_signed_valid_bodies_round_trip(job_id, key, meta):
     job = parse_job(msg({"job_id": job_id, "s3_key": f"audio/{key}", "metadata": meta}), SETTINGS)
     assert (job.job_id, job.s3_key, job.metadata) == (job_id, f"audio/{key}", meta)
+
+
+# ---- what PHP sends (docs/contract.md, "What PHP sends")
+
+@pytest.mark.parametrize(("job_id", "want"), [
+    (1234, "1234"), (1, "1"), (2**63 - 1, "9223372036854775807"), ("0042", "0042"),
+])
+def test_integer_job_ids_are_taken_as_their_decimal_string(job_id, want):
+    assert parse_job(msg({"job_id": job_id, "s3_key": "audio/a.wav"}), SETTINGS).job_id == want
+
+
+@pytest.mark.parametrize("body", [
+    '{"job_id": true, "s3_key": "audio/a.wav"}',  # a bool is an int in Python: must not become "True" or "1"
+    '{"job_id": false, "s3_key": "audio/a.wav"}',
+    '{"job_id": 0, "s3_key": "audio/a.wav"}',  # PHP's "no id": every such job would share one key
+    '{"job_id": -7, "s3_key": "audio/a.wav"}',
+    '{"job_id": 9223372036854775808, "s3_key": "audio/a.wav"}',  # past PHP_INT_MAX: no PHP int wrote it
+    '{"job_id": 1234.0, "s3_key": "audio/a.wav"}',
+    '{"job_id": 1e3, "s3_key": "audio/a.wav"}',
+])
+def test_job_ids_that_are_not_positive_integers_or_strings_are_unreadable(body):
+    err = reject(msg(body))
+    assert err.code == "invalid_message" and err.job_id is None and err.message.startswith("job_id:")
+
+
+@pytest.mark.parametrize(("language", "want"), [
+    ("de", "de"), ("de_DE", "de"), ("pt_BR", "pt"), ("en_US", "en"), ("de_DE_formal", "de"), ("pt_PT_ao90", "pt"),
+    ("de-DE", "de"),  # get_bloginfo('language')
+])
+def test_wordpress_locales_become_iso_639_1(language, want):
+    job = parse_job(msg({"job_id": "j", "s3_key": "audio/a.wav", "language": language}), SETTINGS)
+    assert job.language == want
+
+
+@pytest.mark.parametrize("language", ["english", "DE", "de_de", "deu", "ast", "d", "", "de_DE ", "de_DE\n", 7])
+def test_other_languages_are_invalid_and_named(language):
+    err = reject(msg({"job_id": "j", "s3_key": "audio/a.wav", "language": language, "metadata": {"post_id": 5}}))
+    assert err.code == "invalid_message" and err.message.startswith("language: ")
+    assert "Value error" not in err.message
+    assert (err.job_id, err.metadata) == ("j", {"post_id": 5})  # the failed callback can find the post
+
+
+def test_php_empty_array_metadata_is_empty():
+    assert parse_job(msg('{"job_id":"j","s3_key":"audio\\/a.wav","metadata":[]}'), SETTINGS).metadata == {}
+    err = reject(msg({"job_id": "j", "s3_key": "audio/a.wav", "metadata": [1]}))
+    assert err.message.startswith("metadata:") and err.metadata is None
+
+
+def test_metadata_limit_counts_utf8_bytes_not_escapes():
+    text = "ü" * 4500  # 9000 UTF-8 bytes; as wp_json_encode writes it, 27000 characters of \u00fc
+    body = json.dumps({"job_id": "j", "s3_key": "audio/a.wav", "metadata": {"note": text}})
+    assert len(body) > 16 * 1024
+    assert parse_job(msg(body), SETTINGS).metadata == {"note": text}
+    over = json.dumps({"job_id": "j", "s3_key": "audio/a.wav", "metadata": {"note": "ü" * 8200}})
+    err = reject(msg(over))
+    assert "metadata is larger than 16384 bytes" in err.message and err.metadata is None
+
+
+def test_metadata_rides_on_every_rejection_after_parsing():
+    meta = {"post_id": 9, "title": "Grüße"}
+    for extra in ({"s3_bucket": "evil-bucket"}, {"prompt": "p" * 4001}):
+        err = reject(msg({"job_id": 77, "s3_key": "audio/a.wav", "metadata": meta, **extra}))
+        assert (err.job_id, err.metadata) == ("77", meta)
+    assert reject(msg({"job_id": "j", "s3_key": "../a", "metadata": []})).metadata == {}
+
+
+SCHEMA_CASES = [
+    ({"job_id": 1234, "s3_key": "audio/a"}, True),
+    ({"job_id": "wp-1", "s3_key": "audio/a", "language": "de_DE", "metadata": []}, True),
+    ({"job_id": "wp-1", "s3_key": "audio/a", "language": "pt-BR", "metadata": {"a": 1}}, True),
+    ({"job_id": True, "s3_key": "audio/a"}, False),
+    ({"job_id": 0, "s3_key": "audio/a"}, False),
+    ({"job_id": 1.5, "s3_key": "audio/a"}, False),
+    ({"job_id": "a b", "s3_key": "audio/a"}, False),
+    ({"job_id": "j", "s3_key": "audio/a", "language": "english"}, False),
+    ({"job_id": "j", "s3_key": "audio/a", "metadata": [1]}, False),
+    ({"job_id": "j", "s3_key": "audio/a", "metadata": "x"}, False),
+]
+
+
+@pytest.mark.parametrize(("body", "valid"), SCHEMA_CASES)
+def test_the_published_schema_agrees_with_the_parser(body, valid):
+    import jsonschema
+
+    from consumer.models import json_schema
+
+    schema_ok = jsonschema.Draft202012Validator(json_schema("job")).is_valid(body)
+    try:
+        parse_job(msg(body), SETTINGS)
+        parser_ok = True
+    except InvalidMessageError:
+        parser_ok = False
+    assert (schema_ok, parser_ok) == (valid, valid)
