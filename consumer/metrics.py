@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from consumer import __version__
+from consumer.release import running_release
 
 # Transcriptions take seconds to minutes; SQS and S3 calls milliseconds.
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -35,10 +36,12 @@ OUTCOMES = ("completed", "retried", "failed", "dead_lettered", "duplicate")
 class Metrics:
     """Every sidecar_* metric, registered on one registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, release: str | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.build_info = Info("sidecar_build", "Version of the running daemon.", registry=r)
-        self.build_info.info({"version": __version__})
+        self.build_info = Info(
+            "sidecar_build", "The running daemon: release (the deployed tag) and package version.", registry=r
+        )
+        self.build_info.info({"version": __version__, "release": release or running_release()})
         self.jobs = Counter("sidecar_jobs", "Jobs by final outcome of an attempt.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.jobs.labels(outcome)

@@ -28,6 +28,7 @@ from consumer.errors import ConsumerError, InvalidMessageError, PermanentError, 
 from consumer.housekeeping import Housekeeper
 from consumer.metrics import Metrics
 from consumer.pipeline import Attempt, Pipeline
+from consumer.release import running_release
 from consumer.sdnotify import Notifier
 from consumer.settings import SQS_MAX_VISIBILITY, Settings
 from consumer.sqs import DeleteBatcher, Message, SqsQueue
@@ -97,7 +98,8 @@ class Worker:
         poller = threading.Thread(target=self._poll_loop, args=(drain,), name="poller", daemon=True)
         for t in [*threads, poller]:
             t.start()
-        log.info("daemon_started", extra={"version": __version__, "concurrency": self.settings.concurrency,
+        log.info("daemon_started", extra={"release": running_release(), "version": __version__,
+                                          "concurrency": self.settings.concurrency,
                                           "queue_url": self.queue.url})
         self.stop.wait()
         stopped_at = self.clock()
@@ -138,7 +140,7 @@ class Worker:
         """(alive, body) for GET /health: alive while the poll loop keeps ticking."""
         age = self.clock() - self.last_tick
         ok = age < self.settings.health_stall_seconds
-        return ok, {"status": "ok" if ok else "stalled", "version": __version__,
+        return ok, {"status": "ok" if ok else "stalled", "release": running_release(), "version": __version__,
                     "last_poll_age_s": round(age, 3), "in_flight": self.in_flight}
 
     def _wait_idle(self, timeout: float) -> bool:

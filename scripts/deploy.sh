@@ -143,8 +143,7 @@ fail() {
 
 # Check out REF detached, install, restart and verify. MODE is "deploy" or "rollback".
 deploy_ref() {
-  local ref=$1 mode=$2 commit from described
-  START=$(date +%s)
+  local ref=$1 mode=$2 name=$3 question commit from described stamp
   commit=$(git rev-parse --verify --quiet "$ref^{commit}") || die "unknown ref: $ref"
   from=$(describe_head)
 
@@ -192,6 +191,10 @@ deploy_ref() {
 
   step "Checkpoint 4/5: health"
   local url answer deadline=$((SECONDS + ${DEPLOY_HEALTH_TIMEOUT:-60}))
+  # The daemon reads RELEASE at start-up: /health, sidecar_build_info and its logs name the tag that runs.
+  stamp=$ref
+  [[ $ref != "$commit" ]] || stamp=$(describe_head)
+  { printf '%s\n' "$stamp" >RELEASE.tmp && mv -f RELEASE.tmp RELEASE; } || fail "cannot write $DIR/RELEASE"
   url=$(health_url)
   while :; do
     answer=$(http_get "$url")

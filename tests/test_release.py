@@ -597,3 +597,17 @@ def test_rollback_of_the_first_tag_has_nowhere_to_go(host: Host) -> None:
     assert proc.returncode == 1
     assert "nothing to roll back to" in proc.stderr
     assert host.restarts() == 0
+
+
+def test_deploy_stamps_the_release_the_daemon_reports(host: Host) -> None:
+    """RELEASE in the checkout names the tag installed, also after an automatic rollback; the daemon reads it."""
+    from consumer.release import read_release
+
+    assert deploy(host, TAGS["B"], "--yes").returncode == 0
+    assert (host.checkout / "RELEASE").read_text() == f"{TAGS['B']}\n"
+    assert read_release(host.checkout / "consumer") == TAGS["B"]
+    host.unhealthy.add(TAGS["C"])
+    assert deploy(host, TAGS["C"], "--yes").returncode == 1
+    assert (host.checkout / "RELEASE").read_text() == f"{TAGS['B']}\n"  # rolled back: B runs again
+    # Untracked (and in .gitignore): not a local change that would make the next deploy refuse.
+    assert git(host.checkout, "status", "--porcelain", "--untracked-files=no", env=host.env) == ""
