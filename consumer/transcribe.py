@@ -49,6 +49,7 @@ class Transcriber(Protocol):
     model: str
     limits: AudioLimits
     supports_prompt: bool
+    source: str  # the sidecar_transcriptions{source} label of a fresh transcript: "api" or "local"
 
     def transcribe(self, part: AudioPart, *, language: str | None, prompt: str | None) -> Transcript: ...
 

@@ -87,6 +87,7 @@ class LocalWhisperTranscriber:
     """faster-whisper on CPU or CUDA: one model, shared by every worker thread."""
 
     supports_prompt = True  # passed as initial_prompt
+    source = "local"  # sidecar_transcriptions{source}: transcribed on this machine
 
     def __init__(
         self,

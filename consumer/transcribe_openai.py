@@ -151,6 +151,8 @@ def translate_openai_error(exc: openai.OpenAIError) -> ConsumerError:
 class OpenAITranscriber:
     """The OpenAI transcription API (or any compatible server) through the official SDK."""
 
+    source = "api"  # sidecar_transcriptions{source}: an API call (billed on api.openai.com)
+
     def __init__(self, client: openai.OpenAI, *, model: str, response_format: ResponseFormat = "auto") -> None:
         self.client = client
         self.model = model

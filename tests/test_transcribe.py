@@ -158,3 +158,12 @@ def test_stitch_shifts_segments_by_real_offsets():
     t = stitch(parts, results)
     assert t.text == "one two" and t.duration_seconds == 13.5
     assert [(s.start, s.end) for s in t.segments] == [(0, 9.5), (10.0, 13.4)]
+
+
+def test_each_backend_names_its_sidecar_transcriptions_source(openai_stub):
+    """A local model's transcript is counted as source="local", an API call's as "api"."""
+    from consumer.transcribe_local import LocalWhisperTranscriber
+
+    client = openai.OpenAI(api_key="sk-x", base_url=openai_stub.base_url)
+    assert OpenAITranscriber(client, model="gpt-transcribe").source == "api"
+    assert LocalWhisperTranscriber.source == "local"
