@@ -1,4 +1,4 @@
-"""Command line: `sidecar run|dev|check|enqueue|schema|dlq`. Builds Settings, logging and clients here.
+"""Command line: `sidecar run|dev|check|enqueue|intake|schema|dlq`. Builds Settings, logging and clients here.
 
 A configuration problem exits with status 2 and one line per problem naming the variable; no command
 prints a traceback for an expected failure.
@@ -105,6 +105,35 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_intake(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from consumer.intake import Intake, IntakeServer
+
+    settings = _settings(args)
+    problems = settings.intake_problems()
+    if problems:
+        raise ConfigError(problems)
+    _logging(settings)
+    sqs, _ = _clients(settings)
+    try:
+        server = IntakeServer(Intake(settings, sqs), host=settings.intake_host, port=settings.intake_port)
+    except OSError as exc:
+        raise ConfigError([f"INTAKE_PORT: cannot listen on {settings.intake_host}:{settings.intake_port}: "
+                           f"{exc.strerror or exc}"]) from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    log.info("intake_listening", extra={"host": settings.intake_host, "port": server.port,
+                                        "queue": settings.sqs_queue_url})
+    stop.wait()
+    log.info("intake_stopping")
+    server.stop()
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from consumer.models import json_schema
 
@@ -186,6 +215,15 @@ def parser() -> argparse.ArgumentParser:
     enq.add_argument("--metadata", help="JSON object echoed back in the callback")
     enq.add_argument("--language", help="ISO-639-1 language hint")
     enq.set_defaults(fn=cmd_enqueue)
+
+    intake = sub.add_parser("intake", help="accept the old sidecar's POST /transcribe and queue signed jobs",
+                            description="An HTTP server on INTAKE_HOST:INTAKE_PORT (default 127.0.0.1:9010) for the "
+                            "cut-over: it takes the old sidecar's POST /transcribe (and POST /process-s3) with "
+                            "{\"s3_key\": ...}, authenticated by SIDE_CAR_SECRET (Authorization: Bearer, the "
+                            "INTAKE_SECRET_HEADER header or the INTAKE_SECRET_FIELD body field), puts a signed job on "
+                            "SQS_QUEUE_URL and answers 202 with its job_id; GET /health answers 200. The daemon "
+                            "(`sidecar run`) does the rest. Runs until SIGTERM/SIGINT.")
+    intake.set_defaults(fn=cmd_intake)
 
     schema = sub.add_parser("schema", help="print a contract's JSON Schema",
                             description="JSON Schema of the job message or the callback payload.")

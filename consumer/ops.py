@@ -1,4 +1,5 @@
-"""Operator commands besides the daemon: `sidecar check` (reach every dependency) and `sidecar enqueue`.
+"""Operator commands besides the daemon: `sidecar check` (reach every dependency) and `sidecar enqueue`
+(whose signing and sending, `send_job`, `sidecar intake` shares).
 
 `check --probe` also sends `data/probe.wav` (one second of speech, 16 kHz WAV) to the configured
 transcriber with exactly the request a job would send, so a model, key or format the endpoint refuses is
@@ -132,7 +133,17 @@ def enqueue(settings: Settings, sqs: SQSClient, s3: S3Client, source: str, *, jo
         body["metadata"] = metadata
     if language:
         body["language"] = language
-    raw = json.dumps(body, separators=(",", ":"))
-    attributes = {"signature": sign(raw, settings.secrets)} if settings.secrets else {}
-    message_id = SqsQueue(sqs, settings.sqs_queue_url).send(raw, attributes)
+    message_id = send_job(settings, sqs, body)
     return {"job_id": job_id, "s3_key": key, "message_id": message_id}
+
+
+def signed_job(settings: Settings, body: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The job's body as sent (compact JSON) and its attributes (signed by the first SIDE_CAR_SECRET, if set)."""
+    raw = json.dumps(body, separators=(",", ":"))
+    return raw, ({"signature": sign(raw, settings.secrets)} if settings.secrets else {})
+
+
+def send_job(settings: Settings, sqs: SQSClient, body: dict[str, Any]) -> str:
+    """Sign a job and put it on SQS_QUEUE_URL; its MessageId."""
+    raw, attributes = signed_job(settings, body)
+    return SqsQueue(sqs, settings.sqs_queue_url or "").send(raw, attributes)

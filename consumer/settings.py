@@ -131,6 +131,16 @@ class Settings(BaseSettings):
     allow_insecure_callback: bool = Field(False, description="Permit http:// to a non-loopback host.")
     callback_timeout: float = Field(30, gt=0, description="Seconds for the callback (connect and read).")
 
+    # --- `sidecar intake`: the old sidecar's POST /transcribe, turned into signed jobs (the cut-over)
+    intake_host: str = Field("127.0.0.1", description="Address of `sidecar intake` (the old POST /transcribe).")
+    intake_port: int = Field(9010, ge=0, le=65535, description="Port of `sidecar intake` (0: any).")
+    intake_secret_header: str | None = Field(
+        "X-Side-Car-Secret", description="Header intake reads SIDE_CAR_SECRET from (besides Authorization: Bearer)."
+    )
+    intake_secret_field: str | None = Field(
+        "secret", description="JSON body field intake reads SIDE_CAR_SECRET from (the old sidecar's)."
+    )
+
     # --- observability
     metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /health.")
     metrics_port: int = Field(9002, ge=0, le=65535, description="Port of /metrics and /health (0: any).")
@@ -246,6 +256,18 @@ class Settings(BaseSettings):
         if self.transcriber is None:
             out.append("TRANSCRIBER: required when ENVIRONMENT=prod: openai or local (prod does not guess it "
                        "from whether OPENAI_API_KEY is set)")
+        return out
+
+    def intake_problems(self) -> list[str]:
+        """What `sidecar intake` needs beyond what every command needs."""
+        out = [p for p in self.run_problems() if p.startswith(("SQS_QUEUE_URL", "S3_BUCKET"))]
+        if not self.secrets:
+            out.append("SIDE_CAR_SECRET: required by `sidecar intake` (it authenticates WordPress and signs the jobs)")
+        header = self.intake_secret_header
+        if header and not re.fullmatch(r"[A-Za-z0-9-]+", header):
+            out.append(f"INTAKE_SECRET_HEADER: {header!r} is not an HTTP header name")
+        if header and header.lower() == "authorization":
+            out.append("INTAKE_SECRET_HEADER: Authorization: Bearer is always accepted; name another header or none")
         return out
 
     def run_problems(self) -> list[str]:
