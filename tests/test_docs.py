@@ -48,6 +48,10 @@ def test_jq_filters_read_keys_the_daemon_writes() -> None:
             if "journalctl" in command and "| jq" in command:
                 jq_filter = command.split("| jq", 1)[1]
                 assert not re.search(r"(?<!\w)message\b", jq_filter), f"{doc.name}: the key is event: {command}"
+                # journalctl -u also prints systemd's plain-text lines about the unit (journalctl(1), -u);
+                # jq stops at the first line that is not JSON unless it reads raw lines and skips them.
+                raw = re.match(r" -\w*R\w* 'fromjson\? \| ", jq_filter)
+                assert raw, f"{doc.name}: jq -R 'fromjson? | …': {command}"
 
 
 def test_the_docs_say_logs_go_to_stderr() -> None:
