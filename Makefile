@@ -45,14 +45,14 @@ test: $(STAMP) system-deps model thirdparty-server lint  ## the whole suite
 bench: $(STAMP) model  ## benchmarks; writes bench/results/
 	WHISPER_MODEL=$(CURDIR)/$(MODEL_DIR) $(BIN)/python -m bench
 
-release:  ## tag the next prod-YYYY-MM-DD-N and push it
-	bash scripts/release.sh
+release:  ## tag the next prod-YYYY-MM-DD-N (from main, level with origin) and push it [ARGS=--dry-run]
+	bash scripts/release.sh $(ARGS)
 
 deploy:  ## on the host: deploy TAG=prod-YYYY-MM-DD-N [ARGS=--yes] to the prod instance
 	bash scripts/deploy.sh $(TAG) $(ARGS)
 
-rollback:  ## on the host: redeploy the previous prod tag
-	bash scripts/rollback.sh
+rollback:  ## on the host: go back to the last release that verified [ARGS="--to prod-YYYY-MM-DD-N"]
+	bash scripts/rollback.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

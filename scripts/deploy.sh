@@ -4,21 +4,24 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: scripts/deploy.sh TAG [--yes] [--instance NAME] [--dir DIR] [--no-rollback]
+Usage: scripts/deploy.sh TAG [--yes] [--instance NAME] [--dir DIR] [--no-rollback] [--rollback]
 
 Run on the host, in the instance's checkout (/opt/salestrainer-sidecar/<instance>). Fetches tags,
-checks TAG out as a detached HEAD, installs it into .venv, restarts salestrainer-sidecar@<instance>
-and verifies, pausing at each checkpoint ("Does this look correct? [y/N]"):
+shows the commits being added and removed, checks TAG out as a detached HEAD, installs it into .venv,
+restarts salestrainer-sidecar@<instance> (stop, then start) and verifies, pausing at each checkpoint
+("Does this look correct? [y/N]"):
   1. git describe --tags is TAG
   2. the new release's `sidecar check --probe` passes with the instance's env file, before the restart:
      the configuration, S3, SQS and the callback host are reachable, and the transcription endpoint
      transcribes a one-second clip sent exactly as a job's would be (a model or format it refuses
      stops the deploy here, with the API's own error, before any traffic meets it)
-  3. systemctl is-active says active
+  3. systemctl start succeeds and is-active says active (a failed start shows the journal's last 50 lines)
   4. GET /health answers 200 (port: METRICS_PORT of /etc/salestrainer-sidecar/<instance>.env, default 9002)
-  5. journalctl -p err shows nothing since the deploy started
-A failed check (or a "n" after the change) offers to roll back to the release that ran before; with
---yes the rollback is performed. Either way the exit status is 1.
+  5. journalctl -p err shows nothing since this release was started (the window opens after the old
+     release has stopped, so neither its shutdown nor an earlier failed attempt counts)
+A failed check (or a "n" after the change) offers to roll back to the last release that verified on
+this checkout, from its deploy history (.git/sidecar-deploys: every change, and whether it verified);
+with --yes the rollback is performed. Either way the exit status is 1.
 
 The prod instance accepts only prod-YYYY-MM-DD-N tags; other instances take any tag, branch or commit.
 
@@ -26,7 +29,9 @@ Options:
   --yes             answer every confirmation with yes (unattended)
   --instance NAME   the systemd instance (default: prod)
   --dir DIR         the instance's checkout (default: the current directory's repository)
-  --no-rollback     on failure, report and exit 1 without rolling back (used by rollback.sh)
+  --no-rollback     on failure, report and exit 1 without rolling back
+  --rollback        this change is a rollback (rollback.sh passes it): asks "Roll back …?", recorded as
+                    one in the history, no probe (checkpoint 2), and no rollback of the rollback
   -h, --help        this text
 
 Environment (mainly for tests):
@@ -46,7 +51,8 @@ EOF
 DEFAULT_INSTALL_CMD='if [ ! -x .venv/bin/pip ]; then python3 -m venv .venv; fi; .venv/bin/pip install -q -e .'
 DEFAULT_PROBE_CMD='.venv/bin/sidecar --env-file "$ENV_FILE" check --probe'
 
-# Globals set by main(): INSTANCE UNIT DIR REMOTE SUDO NO_ROLLBACK, and per attempt START.
+# Globals set by main(): INSTANCE UNIT DIR REMOTE SUDO NO_ROLLBACK MODE TARGET; per attempt ATTEMPT_NAME,
+# ATTEMPT_COMMIT (what the history records) and STARTED_AT (where the journal check's window opens).
 
 describe_head() {
   git describe --tags --exact-match HEAD 2>/dev/null || git rev-parse --short HEAD
@@ -106,61 +112,89 @@ checkpoint() {
   confirm "Does this look correct?" || fail "not confirmed by the operator at: $1"
 }
 
-# What to roll back to after a failed deploy of TARGET that replaced FROM_COMMIT.
+# What to roll back to after a failed change to COMMIT: the last release that verified on this checkout
+# (the deploy history's line, see lib-release.sh), as "REF<TAB>COMMIT<TAB>TIME<TAB>HOW"; prod: tags only.
 rollback_target() {
-  local target=$1 from_commit=$2 from_tag
-  from_tag=$(git tag --points-at "$from_commit" | sort_prod_tags | tail -n 1)
-  if [[ -n $from_tag && $from_tag != "$target" ]]; then
-    printf '%s\n' "$from_tag"
-  elif [[ $INSTANCE != prod && $from_commit != $(git rev-parse "$target^{commit}") ]]; then
-    printf '%s\n' "$from_commit"
-  elif is_prod_tag "$target"; then
-    prev_prod_tag "$target"
-  fi
+  local prod_only=0
+  [[ $INSTANCE != prod ]] || prod_only=1
+  history_rollback_target "$1" "$prod_only"
 }
 
+# The last lines of the unit's journal, whatever their priority: why a start failed is usually there.
+journal_tail() {
+  say ""
+  say "The last 50 lines of the journal of $UNIT:"
+  $SUDO journalctl -u "$UNIT" -n 50 --no-pager </dev/null >&2 || say "(journalctl -u $UNIT failed)"
+}
+
+# fail [--tail] REASON: record the failed attempt, show the journal's tail (--tail), offer the rollback.
 fail() {
+  local tail=0
+  if [[ $1 == --tail ]]; then
+    tail=1
+    shift
+  fi
   say ""
   say "VERIFICATION FAILED: $1"
+  history_add failed "$ATTEMPT_NAME" "$ATTEMPT_COMMIT" "$1"
+  if ((tail)); then journal_tail; fi
   if ((NO_ROLLBACK)); then
-    say "$UNIT is now at $(describe_head); not rolling back (--no-rollback). Check: journalctl -u $UNIT -e"
+    say "$UNIT is now at $(describe_head) and did not verify; not rolling back. Check: journalctl -u $UNIT -e"
     exit 1
   fi
-  local back=$ROLLBACK_TO
+  local back="" when="" how=""
+  IFS=$'\t' read -r back _ when how < <(rollback_target "$ATTEMPT_COMMIT") || true
   if [[ -z $back ]]; then
-    say "No earlier release to roll back to. Check: journalctl -u $UNIT -e"
+    say "The deploy history has no release that verified here to roll back to. Check: journalctl -u $UNIT -e"
     exit 1
   fi
-  if confirm "Roll back $UNIT to $back?"; then
-    NO_ROLLBACK=1
-    deploy_ref "$back" rollback
-    say "Rolled back to $back; the deploy of $TARGET failed: $1"
-  else
-    say "Not rolling back; $UNIT stays at $(describe_head). To roll back later: scripts/rollback.sh"
-  fi
+  say ""
+  say "The last release that verified here: $back ($how $when)"
+  NO_ROLLBACK=1
+  DECLINED="Not rolling back; $UNIT stays at $(describe_head). To roll back later: make rollback"
+  deploy_ref "$back" rollback "$back"
+  say "Rolled back to $back; the deploy of $TARGET failed: $1"
   exit 1
 }
 
-# Check out REF detached, install, restart and verify. MODE is "deploy" or "rollback".
+# The history begins an attempt: the release found at HEAD (when the history does not end there), then
+# the change itself.
+record_start() {
+  local mode=$1 name=$2 commit=$3 head found
+  head=$(git rev-parse HEAD)
+  if [[ $(history_last_commit) != "$head" ]]; then
+    found=$(head_prod_tag)
+    history_add found "${found:-$(describe_head)}" "$head" "at HEAD before this $mode"
+  fi
+  history_add "$mode" "$name" "$commit" "from $head"
+  ATTEMPT_NAME=$name
+  ATTEMPT_COMMIT=$commit
+}
+
+# Check out REF detached, install, restart and verify. MODE is "deploy" or "rollback"; NAME is what the
+# operator asked for (a tag, or for non-prod instances a branch or commit), recorded in the history.
 deploy_ref() {
   local ref=$1 mode=$2 name=$3 question commit from described stamp
   commit=$(git rev-parse --verify --quiet "$ref^{commit}") || die "unknown ref: $ref"
   from=$(describe_head)
 
-  step "$mode: $UNIT  $from -> $ref  (checkout $DIR)"
-  if [[ $mode == deploy ]]; then
-    say "Commits:"
-    git --no-pager log --oneline --no-decorate "HEAD..$commit" -n 50 >&2 || true
-    confirm "Deploy $ref to $UNIT?" || {
-      say "aborted: nothing changed"
-      exit 1
-    }
-  fi
+  step "$mode: $UNIT  $from -> $name  (checkout $DIR)"
+  show_changes HEAD "$commit"
+  if [[ $mode == deploy ]]; then question="Deploy $name to $UNIT?"; else question="Roll back $UNIT to $name?"; fi
+  confirm "$question" || {
+    say "${DECLINED:-aborted: nothing changed}"
+    exit 1
+  }
+  record_start "$mode" "$name" "$commit"
 
   git -c advice.detachedHead=false checkout --quiet --detach "$commit" ||
     fail "git checkout $ref failed"
   step "Installing into $DIR/.venv"
   bash -c "${DEPLOY_INSTALL_CMD:-$DEFAULT_INSTALL_CMD}" </dev/null || fail "install failed"
+  # The daemon reads RELEASE at start-up: /health, sidecar_build_info and its logs name the tag that runs.
+  stamp=$ref
+  [[ $ref != "$commit" ]] || stamp=$(describe_head)
+  { printf '%s\n' "$stamp" >RELEASE.tmp && mv -f RELEASE.tmp RELEASE; } || fail "cannot write $DIR/RELEASE"
 
   step "Checkpoint 1/5: version"
   described=$(git describe --tags 2>/dev/null || git rev-parse --short HEAD)
@@ -180,21 +214,23 @@ deploy_ref() {
     checkpoint "probe"
   fi
 
-  step "Checkpoint 3/5: restart"
+  step "Checkpoint 3/5: restart (stop, then start)"
+  # Stop, then start, rather than restart: the journal window of checkpoint 5 opens between the two, so
+  # neither what the old release logs while stopping nor what an earlier failed attempt logged in the
+  # same second (systemd logs "Failed to start" at err) counts against this release. The window is
+  # fractional: journalctl takes `--since @<epoch>.<fraction>` (docs/reality.md).
+  $SUDO systemctl stop "$UNIT" </dev/null || fail --tail "systemctl stop $UNIT failed"
+  STARTED_AT=$(date +%s.%N)
   # Type=notify: this returns once the daemon has said READY=1 (its first successful receive).
-  $SUDO systemctl restart "$UNIT" </dev/null || fail "systemctl restart $UNIT failed"
+  $SUDO systemctl start "$UNIT" </dev/null || fail --tail "systemctl start $UNIT failed"
   local state
   state=$(systemctl is-active "$UNIT" </dev/null || true)
   say "systemctl is-active $UNIT: $state"
-  [[ $state == active ]] || fail "$UNIT is $state"
+  [[ $state == active ]] || fail --tail "$UNIT is $state"
   checkpoint "restart"
 
   step "Checkpoint 4/5: health"
   local url answer deadline=$((SECONDS + ${DEPLOY_HEALTH_TIMEOUT:-60}))
-  # The daemon reads RELEASE at start-up: /health, sidecar_build_info and its logs name the tag that runs.
-  stamp=$ref
-  [[ $ref != "$commit" ]] || stamp=$(describe_head)
-  { printf '%s\n' "$stamp" >RELEASE.tmp && mv -f RELEASE.tmp RELEASE; } || fail "cannot write $DIR/RELEASE"
   url=$(health_url)
   while :; do
     answer=$(http_get "$url")
@@ -202,12 +238,12 @@ deploy_ref() {
     sleep 0.5
   done
   say "GET $url -> $answer"
-  [[ ${answer%% *} == 200 ]] || fail "$url answered ${answer%% *}, not 200"
+  [[ ${answer%% *} == 200 ]] || fail --tail "$url answered ${answer%% *}, not 200"
   checkpoint "health"
 
-  step "Checkpoint 5/5: errors in the journal since the $mode started"
+  step "Checkpoint 5/5: errors in the journal since $name was started"
   local errors
-  errors=$($SUDO journalctl -u "$UNIT" --since "@$START" -p err --no-pager -q -o short-iso </dev/null) ||
+  errors=$($SUDO journalctl -u "$UNIT" --since "@$STARTED_AT" -p err --no-pager -q -o short-iso </dev/null) ||
     fail "journalctl -u $UNIT failed"
   if [[ -n $errors ]]; then
     printf '%s\n' "$errors" >&2
@@ -216,7 +252,8 @@ deploy_ref() {
   say "(none)"
   checkpoint "journal"
 
-  step "$UNIT runs $ref"
+  history_add verified "$name" "$commit"
+  step "$UNIT runs $name (verified; recorded in $DIR/$(history_file))"
 }
 
 main() {
@@ -227,6 +264,7 @@ main() {
 
   INSTANCE=prod
   NO_ROLLBACK=0
+  MODE=deploy
   while (($#)); do
     case $1 in
       --yes | -y) ASSUME_YES=1 ;;
@@ -236,6 +274,10 @@ main() {
         shift
         ;;
       --no-rollback) NO_ROLLBACK=1 ;;
+      --rollback)
+        MODE=rollback
+        NO_ROLLBACK=1
+        ;;
       -h | --help)
         usage
         return 0
@@ -281,6 +323,9 @@ main() {
   if [[ -n $(git status --porcelain --untracked-files=no) ]]; then
     die "the checkout $DIR has local changes; refusing to deploy over them"
   fi
+  local history
+  history=$(history_file)
+  touch "$history" 2>/dev/null || die "cannot write the deploy history $DIR/$history; run as the checkout's owner"
 
   local ref=$tag
   if ! git rev-parse --verify --quiet "refs/tags/$tag" >/dev/null; then
@@ -293,8 +338,7 @@ main() {
   fi
 
   TARGET=$tag
-  ROLLBACK_TO=$(rollback_target "$ref" "$(git rev-parse HEAD)")
-  deploy_ref "$ref" deploy
+  deploy_ref "$ref" "$MODE" "$tag"
 }
 
 main "$@"

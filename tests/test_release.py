@@ -1,7 +1,8 @@
 """scripts/release.sh, deploy.sh and rollback.sh as subprocesses, against a temporary bare `origin`, its
 clones, stand-in `systemctl`/`journalctl` on PATH and a stand-in /health server on a loopback port.
 The stand-in systemctl runs a release's service (for some tests the real daemon) with its output on a
-journal stream; the stand-in journalctl reads that stream's priorities the way journald does."""
+journal stream, stamped as it arrives; the stand-in journalctl reads that stream's priorities the way
+journald does and selects records by time (--since) as journalctl does."""
 
 from __future__ import annotations
 
@@ -33,33 +34,69 @@ if shutil.which("git") is None:  # pragma: no cover - git is part of every check
     pytest.skip("git is not installed", allow_module_level=True)
 
 SYSTEMCTL = """#!/usr/bin/env bash
-# Stand-in for systemctl: logs the call; `is-active` says active. `restart` records what the checkout runs
-# now and, when the test gave that release a service ($STUB_STATE/exec-<tag>, a bash script), runs it the
-# way the unit does with StandardOutput=journal and StandardError=journal: stdout and stderr share one
-# stream to the journal (here the capture file $STUB_STATE/journal-<tag>, started empty) and
-# JOURNAL_STREAM holds that stream's device and inode in decimal, "<dev>:<ino>" (systemd.exec(5),
-# $JOURNAL_STREAM). A Type=notify restart returns at READY=1; this one returns when the service ends, so
-# all it logged is in the capture before deploy.sh reads the journal.
+# Stand-in for systemctl: logs the call. `start` (and `restart`) records what the checkout runs now and,
+# when the test gave that release a service ($STUB_STATE/exec-<tag>, a bash script), runs it the way the
+# unit does with StandardOutput=journal and StandardError=journal: stdout and stderr share one stream to
+# journald, and JOURNAL_STREAM holds that stream's device and inode in decimal, "<dev>:<ino>"
+# (systemd.exec(5), $JOURNAL_STREAM). Here the stream is a pipe to a reader standing in for journald: it
+# keeps the raw lines ($STUB_STATE/journal-<tag>) and appends each to the unit's journal ($STUB_STATE/
+# journal) stamped with its time of arrival in microseconds, as journald stamps a record when it reads it
+# (sd_journal_get_realtime_usec(3)); bash's EPOCHREALTIME has that resolution.
+# A Type=notify start returns at READY=1; this one returns when the service ends, so all it logged is in
+# the journal before deploy.sh reads it. A service that exits non-zero is a start that failed, as in
+# systemd 252 (Debian 12): systemd logs "Main process exited, code=exited, status=N/FAILURE" at notice
+# (src/core/service.c service_sigchld_event), "Failed with result 'exit-code'." at warning
+# (service_enter_dead) and "Failed to start <unit> - <Description>." at err (src/core/job.c
+# job_done_messages[JOB_FAILED] = LOG_ERR), stored here with those priorities as "<N>" prefixes; the
+# start job fails, so systemctl prints "Job for … failed because the control process exited with error
+# code." and exits 1. Restart=on-failure then holds the unit in auto-restart: is-active says
+# "activating", exit 3; exit status 2 is RestartPreventExitStatus=, so "failed" (systemctl(1) is-active).
+# `stop` stops nothing: every service here has already ended.
 echo "systemctl $*" >> "$STUB_STATE/calls"
+journal=$STUB_STATE/journal
+
+systemd_says() { printf '%s\\t%s\\n' "$EPOCHREALTIME" "$1" >> "$journal"; }
+
+start() {
+  local unit=$1 running service stream status
+  running=$(git -C "$STUB_CHECKOUT" describe --tags)
+  printf '%s\\n' "$running" > "$STUB_STATE/running"
+  rm -f "$STUB_STATE/state"
+  service=$STUB_STATE/exec-$running
+  [[ -f $service ]] || return 0
+  stream=$STUB_STATE/journal-$running
+  : > "$stream"
+  bash -c 'export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/$$/fd/1); exec bash "$1" </dev/null 2>&1' _ "$service" |
+    while IFS= read -r line || [[ -n $line ]]; do
+      printf '%s\\n' "$line" >> "$stream"
+      printf '%s\\t%s\\n' "$EPOCHREALTIME" "$line" >> "$journal"
+    done
+  status=${PIPESTATUS[0]}
+  ((status == 0)) && return 0
+  systemd_says "<5>$unit.service: Main process exited, code=exited, status=$status/FAILURE"
+  systemd_says "<4>$unit.service: Failed with result 'exit-code'."
+  systemd_says "<3>Failed to start $unit.service - SalesTrainer sidecar SQS consumer (${unit#*@})."
+  if ((status == 2)); then echo failed; else echo activating; fi > "$STUB_STATE/state"
+  echo "Job for $unit.service failed because the control process exited with error code." >&2
+  echo "See \\"systemctl status $unit.service\\" and \\"journalctl -xeu $unit.service\\" for details." >&2
+  return 1
+}
+
 case $1 in
-  restart)
-    running=$(git -C "$STUB_CHECKOUT" describe --tags)
-    printf '%s\\n' "$running" > "$STUB_STATE/running"
-    if [[ -f $STUB_STATE/exec-$running ]]; then
-      capture=$STUB_STATE/journal-$running
-      : > "$capture"
-      JOURNAL_STREAM=$(stat -c '%d:%i' "$capture") \\
-        bash "$STUB_STATE/exec-$running" </dev/null >>"$capture" 2>&1 || true
-    fi
+  start | restart) start "$2" || exit 1 ;;
+  stop) ;;
+  is-active)
+    state=$(cat "$STUB_STATE/state" 2>/dev/null || echo active)
+    echo "$state"
+    [[ $state == active ]] || exit 3
     ;;
-  is-active) echo active ;;
 esac
 """
 
 JOURNALCTL = """#!/usr/bin/env bash
-# Stand-in for journalctl: logs the call; prints the records of the release running now, read from what
-# its service wrote to the journal stream ($STUB_STATE/journal-<tag>, see the systemctl stand-in) the way
-# journald reads a stream:
+# Stand-in for journalctl: logs the call; prints the messages of the unit's journal ($STUB_STATE/journal,
+# "<usec time><TAB><line>" per record, see the systemctl stand-in), one unit's records in arrival order,
+# reading each line's priority the way journald reads a stream:
 #  - A line's priority is its sd-daemon prefix "<N>", which is removed (systemd.exec(5) SyslogLevelPrefix=,
 #    default true; sd-daemon(3)). journald's parser takes N in one to three digits with value 0-7, so
 #    "<3>", "<03>" and "<003>" are err and "<8>" or "<13>" is no prefix (systemd src/basic/syslog-util.c
@@ -69,8 +106,12 @@ JOURNALCTL = """#!/usr/bin/env bash
 #  - -p/--priority takes a level, emerg (0) .. debug (7) or its number, and shows records at that level or
 #    more important; or a range FROM..TO, both ends included, in either order (journalctl(1) --priority=;
 #    src/journal/journalctl.c). Anything else: "Unknown log level", status 1.
-# Not modelled: --since (the capture starts at the restart, after the time deploy.sh passes), -o (the
-# message alone is printed), journald's LineMax= splitting of lines over 48K.
+#  - -S/--since @SECONDS[.FRACTION] shows records stamped at or after it; the fraction counts to the
+#    microsecond, further digits are ignored (journalctl(1) --since; systemd.time(7) "@" timestamps;
+#    src/basic/time-util.c parse_sec; the fraction is observed accepted by journalctl 252, docs/reality.md).
+#    Other forms are not modelled: "Failed to parse timestamp", status 1, as journalctl says for a bad one.
+#  - -n/--lines N shows the last N of the records selected.
+# Not modelled: -o (the message alone is printed), -u (one unit), journald's LineMax= splitting.
 echo "journalctl $*" >> "$STUB_STATE/calls"
 
 level() {
@@ -81,12 +122,16 @@ level() {
   esac
 }
 
-low=0 high=7
+low=0 high=7 since=0 lines=""
 while (($#)); do
   case $1 in
     -p | --priority) spec=$2; shift ;;
     -p?*) spec=${1#-p} ;;
     --priority=*) spec=${1#--priority=} ;;
+    -S | --since) since_spec=$2; shift ;;
+    --since=*) since_spec=${1#--since=} ;;
+    -n | --lines) lines=$2; shift ;;
+    --lines=*) lines=${1#--lines=} ;;
   esac
   shift
 done
@@ -99,18 +144,28 @@ if [[ -n ${spec+set} ]]; then
     high=$(level "$spec") || { echo "Unknown log level $spec" >&2; exit 1; }
   fi
 fi
+if [[ -n ${since_spec+set} ]]; then
+  [[ $since_spec =~ ^@([0-9]+)(\\.([0-9]*))?$ ]] || { echo "Failed to parse timestamp: $since_spec" >&2; exit 1; }
+  fraction=${BASH_REMATCH[3]}000000
+  since=$((10#${BASH_REMATCH[1]} * 1000000 + 10#${fraction:0:6}))
+fi
 
-running=$(cat "$STUB_STATE/running" 2>/dev/null || true)
-capture=$STUB_STATE/journal-$running
-[[ -f $capture ]] || exit 0
+[[ -f $STUB_STATE/journal ]] || exit 0
 prefix='^<0{0,2}([0-7])>(.*)$'
-while IFS= read -r line || [[ -n $line ]]; do
+shown=()
+while IFS=$'\\t' read -r stamp line || [[ -n $stamp ]]; do
+  usec=${stamp//[.,]/}  # EPOCHREALTIME writes the locale's decimal point
+  ((10#$usec >= since)) || continue
   priority=6 message=$line
   if [[ $line =~ $prefix ]]; then
     priority=${BASH_REMATCH[1]} message=${BASH_REMATCH[2]}
   fi
-  [[ -n $message ]] && ((low <= priority && priority <= high)) && printf '%s\\n' "$message"
-done < "$capture"
+  [[ -n $message ]] && ((low <= priority && priority <= high)) && shown+=("$message")
+done < "$STUB_STATE/journal"
+if [[ -n $lines ]] && ((${#shown[@]} > lines)); then
+  shown=("${shown[@]: -lines}")
+fi
+((${#shown[@]} == 0)) || printf '%s\\n' "${shown[@]}"
 exit 0
 """
 
@@ -215,6 +270,7 @@ def test_next_tag_increments_numerically_and_rolls_over(
     git(other, "tag", "prod-2025-01-02-10", env=env)
     git(other, "push", "-q", "origin", "prod-2025-01-02-10", env=env)
     commit(work, "feature: something new", env)
+    git(work, "push", "-q", "origin", "main", env=env)
 
     proc = run_script("release.sh", "--dry-run", cwd=work, env={**env, "RELEASE_DATE": "2025-01-02"})
     assert proc.returncode == 0
@@ -241,11 +297,13 @@ def test_release_tags_and_pushes(origin: Path, work: Path, env: dict[str, str]) 
     assert run_script("release.sh", "--yes", cwd=work, env=day1).returncode == 1
 
     commit(work, "fix: second release of the day", env)
+    git(work, "push", "-q", "origin", "main", env=env)
     proc = run_script("release.sh", "--yes", cwd=work, env=day1)
     assert proc.stdout.strip() == "prod-2025-03-04-2"
     assert "fix: second release of the day" in proc.stderr
 
     commit(work, "feat: next day", env)
+    git(work, "push", "-q", "origin", "main", env=env)
     proc = run_script("release.sh", "--yes", cwd=work, env={**env, "RELEASE_DATE": "2025-03-05"})
     assert proc.stdout.strip() == "prod-2025-03-05-1"
     assert set(remote_tags(origin, env)) == {"prod-2025-03-04-1", "prod-2025-03-04-2", "prod-2025-03-05-1"}
@@ -263,6 +321,64 @@ def test_release_asks_and_n_aborts(origin: Path, work: Path, env: dict[str, str]
     proc = run_script("release.sh", cwd=work, env=day, answers="y\n")
     assert proc.returncode == 0
     assert remote_tags(origin, env) == ["prod-2025-03-04-1"]
+
+
+def test_release_refuses_unless_on_main_clean_and_level_with_origin(
+    tmp_path: Path, origin: Path, work: Path, env: dict[str, str]
+) -> None:
+    day = {**env, "RELEASE_DATE": "2025-03-04"}
+
+    def refused(reason: str, *args: str) -> None:
+        for extra in ((), ("--dry-run",)):
+            proc = run_script("release.sh", "--yes", *extra, *args, cwd=work, env=day)
+            assert proc.returncode == 1, proc.stderr
+            assert f"error: {reason}" in proc.stderr
+            assert "--force-from-here overrides" in proc.stderr
+        assert remote_tags(origin, env) == [] and git(work, "tag", "--list", env=env) == ""
+
+    # Another branch, even one level with main.
+    git(work, "switch", "-q", "-c", "feature", env=env)
+    refused("HEAD is on the branch feature, not the branch main")
+    git(work, "switch", "-q", "--detach", "main", env=env)
+    refused("HEAD is detached, not the branch main")
+    git(work, "switch", "-q", "main", env=env)
+    # Uncommitted changes to a tracked file (an untracked file is not part of any commit: no refusal).
+    (work / "CHANGES").write_text("edited\n")
+    refused("uncommitted changes to tracked files")
+    git(work, "checkout", "-q", "--", "CHANGES", env=env)
+    # A commit not pushed.
+    commit(work, "local only", env)
+    refused("1 commit(s) on HEAD are not on origin/main")
+    git(work, "push", "-q", "origin", "main", env=env)
+    # A commit pushed from another clone and not pulled here: release.sh fetches main to see it.
+    other = tmp_path / "other"
+    git(tmp_path, "clone", "-q", str(origin), str(other), env=env)
+    commit(other, "someone else's", env)
+    git(other, "push", "-q", "origin", "main", env=env)
+    refused("1 commit(s) on origin/main are not on HEAD: git pull --ff-only")
+
+    git(work, "pull", "-q", "--ff-only", env=env)
+    (work / "untracked.txt").write_text("not in the release\n")
+    proc = run_script("release.sh", "--yes", cwd=work, env=day)
+    assert proc.returncode == 0, proc.stderr
+    assert remote_tags(origin, env) == ["prod-2025-03-04-1"]
+
+
+def test_release_force_from_here_releases_a_branch_and_says_so_in_the_tag(
+    origin: Path, work: Path, env: dict[str, str]
+) -> None:
+    git(work, "switch", "-q", "-c", "hotfix", env=env)
+    hotfix = commit(work, "fix: emergency", env)
+    proc = run_script("release.sh", "--yes", "--force-from-here", cwd=work, env={**env, "RELEASE_DATE": "2025-03-04"})
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: HEAD is on the branch hotfix, not the branch main" in proc.stderr
+    assert "warning: releasing from here anyway (--force-from-here)" in proc.stderr
+    assert git(origin, "rev-parse", "prod-2025-03-04-1^{commit}", env=env) == hotfix
+    message = git(origin, "tag", "--list", "--format=%(contents:subject)", "prod-2025-03-04-1", env=env)
+    assert message == ("Release prod-2025-03-04-1 (--force-from-here: HEAD is on the branch hotfix, not the branch "
+                       "main: git switch main; 1 commit(s) on HEAD are not on origin/main: push them (through review) "
+                       "first)")
+    assert "--force-from-here" in run_script("release.sh", "--help", cwd=work, env=env).stdout
 
 
 # ---------------------------------------------------------------- deploy.sh and rollback.sh
@@ -302,7 +418,20 @@ class Host:
         return path.read_text().splitlines() if path.exists() else []
 
     def restarts(self) -> int:
-        return self.calls().count(f"systemctl restart {UNIT}")
+        """How many times a release was started (deploy.sh stops, then starts)."""
+        return sum(c in (f"systemctl start {UNIT}", f"systemctl restart {UNIT}") for c in self.calls())
+
+    def journal(self) -> list[tuple[int, str]]:
+        """The unit's journal as the stand-in journald stored it: (microseconds since the epoch, raw line)."""
+        path = self.state / "journal"
+        records = [line.split("\t", 1) for line in path.read_text().splitlines()] if path.exists() else []
+        return [(int(stamp.replace(".", "")), line) for stamp, line in records]
+
+    def history(self) -> list[list[str]]:
+        """The checkout's deploy history: [event, name, commit, detail] per line, comments left out."""
+        path = self.checkout / ".git" / "sidecar-deploys"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [line.split("\t")[1:] for line in lines if not line.startswith("#")]
 
     def service(self, tag: str, script: str) -> None:
         """What release `tag` runs when the stand-in systemctl (re)starts it: a bash script."""
@@ -374,14 +503,26 @@ def test_deploy_happy_path(host: Host) -> None:
     assert host.head() == TAGS["C"]
     calls = host.calls()
     assert f"install {TAGS['C']}" in calls
-    assert f"systemctl restart {UNIT}" in calls
+    # Stopped, then started; is-active asked; the journal read from a fractional second on.
+    stop, start = calls.index(f"systemctl stop {UNIT}"), calls.index(f"systemctl start {UNIT}")
+    assert stop + 1 == start and f"systemctl restart {UNIT}" not in calls
     assert f"systemctl is-active {UNIT}" in calls
-    assert any(c.startswith(f"journalctl -u {UNIT} --since @") and "-p err" in c for c in calls)
+    [journal] = [c for c in calls if c.startswith(f"journalctl -u {UNIT} --since @") and "-p err" in c]
+    assert re.search(r"--since @\d+\.\d{9} ", journal)
     # The new release is probed with the instance's env file before it is restarted.
     probe = calls.index(f"probe {TAGS['C']} {host.env['DEPLOY_ENV_DIR']}/prod.env")
-    assert calls.index(f"install {TAGS['C']}") < probe < calls.index(f"systemctl restart {UNIT}")
+    assert calls.index(f"install {TAGS['C']}") < probe < stop
     assert host.health_requests >= 1
     assert proc.stderr.count("Does this look correct? [y/N] y (--yes)") == 5
+    # The plan showed what the deploy adds; the history says A was found running and C verified.
+    assert "Commits being added:" in proc.stderr and "change C" in proc.stderr
+    assert "Commits being removed:" not in proc.stderr
+    commit_a, commit_c = (git(host.checkout, "rev-parse", f"{TAGS[t]}^{{commit}}", env=host.env) for t in "AC")
+    assert host.history() == [
+        ["found", TAGS["A"], commit_a, "at HEAD before this deploy"],
+        ["deploy", TAGS["C"], commit_c, f"from {commit_a}"],
+        ["verified", TAGS["C"], commit_c, ""],
+    ]
 
 
 def test_deploy_checkpoints_ask_each_time(host: Host) -> None:
@@ -418,21 +559,30 @@ def test_deploy_refuses_an_unknown_tag(host: Host) -> None:
 
 
 def test_failed_health_rolls_back_to_what_ran_before(host: Host) -> None:
+    host.service(TAGS["C"], "printf '%s\\n' '<6>started, but stalled'\n")
     host.unhealthy.add(TAGS["C"])
     proc = deploy(host, TAGS["C"], "--yes")
     assert proc.returncode == 1
     assert "answered 503, not 200" in proc.stderr
+    # The journal's tail (whatever its priority) comes before the offer to roll back.
+    tail = proc.stderr.index(f"The last 50 lines of the journal of {UNIT}:")
+    assert tail < proc.stderr.index("started, but stalled") < proc.stderr.index(f"Roll back {UNIT} to {TAGS['A']}?")
+    assert f"journalctl -u {UNIT} -n 50 --no-pager" in host.calls()
+    assert "Commits being removed:" in proc.stderr[tail:]  # the rollback's plan
     assert f"Rolled back to {TAGS['A']}" in proc.stderr
     assert host.head() == TAGS["A"]
     assert host.restarts() == 2
+    assert [event for event, *_ in host.history()] == ["found", "deploy", "failed", "rollback", "verified"]
 
 
 def test_failed_health_offers_rollback_and_n_keeps_the_release(host: Host) -> None:
     host.unhealthy.add(TAGS["C"])
-    # Deploy? y; version ok? y; restart ok? y; health fails; roll back? n
-    proc = deploy(host, TAGS["C"], answers="y\ny\ny\nn\n")
+    # Deploy? y; version ok? y; probe ok? y; restart ok? y; health fails; roll back? n
+    proc = deploy(host, TAGS["C"], answers="y\ny\ny\ny\nn\n")
     assert proc.returncode == 1
+    assert "answered 503, not 200" in proc.stderr
     assert f"Roll back {UNIT} to {TAGS['A']}? [y/N]" in proc.stderr
+    assert "Not rolling back" in proc.stderr
     assert host.head() == TAGS["C"]
     assert host.restarts() == 1
 
@@ -488,6 +638,28 @@ def test_the_stand_in_journal_reads_priorities_like_journald(host: Host) -> None
         proc = host.run("journalctl", "-u", UNIT, "-p", bad)
         assert proc.returncode == 1 and message in proc.stderr
 
+    # --since @SECONDS.FRACTION: records stamped at or after it, to the microsecond (more digits ignored).
+    stamps = [t for t, _ in host.journal()]
+    assert len(stamps) == len(lines) and stamps == sorted(stamps)
+    warning = stamps[lines.index("<4>warning")]
+    seconds, micro = divmod(warning, 1_000_000)
+
+    def message(line: str) -> str:
+        prefixed = re.fullmatch(r"<0{0,2}[0-7]>(.*)", line)
+        return prefixed[1] if prefixed else line
+
+    since_warning = [message(line) for t, line in zip(stamps, lines, strict=True) if t >= warning and message(line)]
+    assert "warning" in since_warning and "err" not in since_warning
+    assert shown("--since", f"@{seconds}.{micro:06d}999") == shown("-S", f"@{seconds}.{micro:06d}") == since_warning
+    assert shown(f"--since=@{seconds}.{micro:06d}", "-p", "warning") == ["warning"]
+    assert shown(f"--since=@{stamps[-1] // 1_000_000 + 1}") == []
+    assert shown("--since", "@0", "-p", "err") == errors
+    assert shown("-n", "2") == ["<13>not without a facility", "debug"]
+    assert shown("-p", "err", "--lines=2") == ["err in two digits", "err in three digits"]
+    for bad in ("10 min ago", "@1.2.3"):
+        proc = host.run("journalctl", "-u", UNIT, "--since", bad)
+        assert proc.returncode == 1 and f"Failed to parse timestamp: {bad}" in proc.stderr
+
 
 @pytest.mark.e2e
 def test_a_model_the_endpoint_refuses_stops_the_deploy_before_the_restart(
@@ -507,7 +679,7 @@ def test_a_model_the_endpoint_refuses_stops_the_deploy_before_the_restart(
     assert fail.startswith("[FAIL] transcription:") and "OpenAI 404" in fail
     assert "whisper-9000-typo` does not exist" in fail
     assert "VERIFICATION FAILED: sidecar check --probe failed" in proc.stderr
-    assert f"systemctl restart {UNIT}" not in host.calls()[: host.calls().index(f"install {TAGS['A']}")]
+    assert f"systemctl start {UNIT}" not in host.calls()[: host.calls().index(f"install {TAGS['A']}")]
     assert host.head() == TAGS["A"] and len(openai_stub.refused) == 1
     # With the model it serves, the same probe passes and the deploy goes on.
     env_file.write_text(env_file.read_text().replace("whisper-9000-typo", "whisper-1"))
@@ -583,20 +755,127 @@ def test_a_release_whose_daemon_logs_an_error_fails_the_journal_checkpoint(
     assert host.head() == TAGS["A"]
 
 
-def test_rollback_redeploys_the_previous_tag_in_tag_order(host: Host) -> None:
+def rollback(host: Host, *args: str, answers: str = "") -> subprocess.CompletedProcess[str]:
+    return run_script("rollback.sh", *args, "--dir", str(host.checkout), cwd=host.checkout, env=host.env,
+                      answers=answers)
+
+
+def make_rollback(host: Host, args: str) -> subprocess.CompletedProcess[str]:
+    """`make rollback ARGS=…` with the project's Makefile, as the operator types it."""
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "rollback", f"ARGS={args}"],
+                          env=host.env, capture_output=True, text=True, timeout=90, check=False)
+    print(proc.stdout, proc.stderr, sep="\n")
+    return proc
+
+
+def release(work: Path, tag: str, env: dict[str, str]) -> None:
+    """One more commit on main, tagged `tag` and pushed with it."""
+    commit(work, f"change {tag}", env)
+    git(work, "tag", "-a", tag, "-m", f"Release {tag}", env=env)
+    git(work, "push", "-q", "origin", "main", tag, env=env)
+
+
+def test_rollback_goes_back_to_what_ran_not_to_the_previous_tag(host: Host) -> None:
+    """Prod went A -> C: `make rollback` goes back to A; B, between them in tag order, never ran here."""
     assert deploy(host, TAGS["C"], "--yes").returncode == 0
-    proc = run_script("rollback.sh", "--yes", "--dir", str(host.checkout), cwd=host.checkout, env=host.env)
+    proc = rollback(host, "--yes")
     assert proc.returncode == 0, proc.stderr
-    # prod-2025-01-02-9 comes before prod-2025-01-02-10 (N compared as a number).
-    assert host.head() == TAGS["B"]
+    assert f"Rolling back from {TAGS['C']} to {TAGS['A']}" in proc.stderr
+    # The plan lists the commits being removed, and nothing being added.
+    plan = proc.stderr[proc.stderr.index("Commits being removed:"):proc.stderr.index("Roll back ")]
+    assert "change C" in plan and "change B" in plan and "change A" not in plan
+    assert "Commits being added:" not in proc.stderr
+    assert host.head() == TAGS["A"]
     assert git(host.checkout, "rev-parse", "--abbrev-ref", "HEAD", env=host.env) == "HEAD"
+    # A rollback skips the probe (it must not wait for the endpoint) and is recorded as one.
+    probes = [c for c in host.calls() if c.startswith("probe ")]
+    assert probes == [f"probe {TAGS['C']} {host.env['DEPLOY_ENV_DIR']}/prod.env"]
+    assert [event for event, *_ in host.history()][-2:] == ["rollback", "verified"]
 
 
-def test_rollback_of_the_first_tag_has_nowhere_to_go(host: Host) -> None:
-    proc = run_script("rollback.sh", "--yes", "--dir", str(host.checkout), cwd=host.checkout, env=host.env)
+def test_rollback_never_picks_a_release_that_failed(host: Host, work: Path) -> None:
+    """A -> C -> rollback (A) -> B; D crashes at start and is rolled back automatically (to B, which
+    verified); E deploys. `make rollback` goes to B, not to D; again, to A, never forward to what it left."""
+    d, e = "prod-2025-01-03-1", "prod-2025-01-03-2"
+    release(work, d, host.env)
+    release(work, e, host.env)
+    assert deploy(host, TAGS["C"], "--yes").returncode == 0
+    assert rollback(host, "--yes").returncode == 0 and host.head() == TAGS["A"]
+    assert deploy(host, TAGS["B"], "--yes").returncode == 0
+
+    host.service(d, "printf '%s\\n' '<3>config_invalid: SQS_QUEUE_URL is not set' >&2\nexit 1\n")
+    host.service(TAGS["B"], "printf '%s\\n' '<6>daemon_started'\n")
+    proc = deploy(host, d, "--yes")
     assert proc.returncode == 1
-    assert "nothing to roll back to" in proc.stderr
+    assert "VERIFICATION FAILED: systemctl start salestrainer-sidecar@prod failed" in proc.stderr
+    # The journal's tail, with systemd's own lines, before the offer to roll back.
+    tail = proc.stderr.index(f"The last 50 lines of the journal of {UNIT}:")
+    failed_line = f"Failed to start {UNIT}.service - SalesTrainer sidecar SQS consumer (prod)."
+    assert tail < proc.stderr.index("config_invalid") < proc.stderr.index(failed_line)
+    assert proc.stderr.index(failed_line) < proc.stderr.index(f"Roll back {UNIT} to {TAGS['B']}? [y/N]")
+    # The rollback to B verified: its journal window opened after D's last record, "Failed to start"
+    # at err included, however close together they were; and B's own record is inside it.
+    assert f"Rolled back to {TAGS['B']}" in proc.stderr and host.head() == TAGS["B"]
+    [since] = [float(c.split("--since @")[1].split()[0]) for c in host.calls() if "--since @" in c][-1:]
+    journal = host.journal()
+    d_records = [t for t, line in journal if "config_invalid" in line or "Failed to start" in line]
+    [b_started] = [t for t, line in journal if "daemon_started" in line][-1:]
+    assert len(d_records) == 2 and max(d_records) < since * 1e6 <= b_started
+
+    assert deploy(host, e, "--yes").returncode == 0
+    proc = make_rollback(host, f"--history --dir {host.checkout}")
+    assert proc.returncode == 0 and f"make rollback would go from {e} to {TAGS['B']}" in proc.stderr
+    assert host.head() == e  # --history changes nothing
+    proc = make_rollback(host, f"--yes --dir {host.checkout}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Rolling back from {e} to {TAGS['B']}: the last release that verified here before it" in proc.stderr
+    assert host.head() == TAGS["B"]
+    proc = rollback(host, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Rolling back from {TAGS['B']} to {TAGS['A']}" in proc.stderr and host.head() == TAGS["A"]
+
+
+def test_make_rollback_to_goes_where_it_is_told(host: Host) -> None:
+    """`--to TAG` reaches rollback.sh through `make rollback ARGS=…`, whatever the history says."""
+    assert deploy(host, TAGS["C"], "--yes").returncode == 0
+    proc = make_rollback(host, f"--to {TAGS['B']} --yes --dir {host.checkout}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Rolling back from {TAGS['C']} to {TAGS['B']} (--to)" in proc.stderr
+    assert host.head() == TAGS["B"]
+    # B replaced C on the line of verified releases: the next rollback goes to A, not back to C.
+    proc = rollback(host, "--yes")
+    assert proc.returncode == 0 and host.head() == TAGS["A"]
+    assert make_rollback(host, f"--to v9 --yes --dir {host.checkout}").returncode != 0
+
+
+def test_a_failed_rollback_is_reported_and_not_rolled_back(host: Host) -> None:
+    assert deploy(host, TAGS["C"], "--yes").returncode == 0
+    host.unhealthy.add(TAGS["A"])
+    proc = rollback(host, "--yes")
+    assert proc.returncode == 1
+    assert "VERIFICATION FAILED" in proc.stderr and "did not verify; not rolling back" in proc.stderr
+    assert host.head() == TAGS["A"] and host.restarts() == 2
+    assert host.history()[-1][0] == "failed"
+
+
+def test_rollback_without_a_history_names_the_way_out(host: Host) -> None:
+    proc = rollback(host, "--yes")
+    assert proc.returncode == 1
+    assert f"records no release that verified here before {TAGS['A']}" in proc.stderr
+    assert "make rollback ARGS='--to prod-YYYY-MM-DD-N'" in proc.stderr
     assert host.restarts() == 0
+
+
+def test_an_interrupted_deploy_never_becomes_a_rollback_target(host: Host) -> None:
+    """A deploy cut off before it verified (here: the operator's "n" at a checkpoint, then no rollback)
+    leaves that release at HEAD, unverified: a rollback from it goes to what verified before."""
+    assert deploy(host, TAGS["B"], "--yes").returncode == 0
+    # Deploy? y; version? y; probe? n -> failed; roll back? n
+    assert deploy(host, TAGS["C"], answers="y\ny\nn\nn\n").returncode == 1
+    assert host.head() == TAGS["C"]
+    proc = rollback(host, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert host.head() == TAGS["B"]
 
 
 def test_deploy_stamps_the_release_the_daemon_reports(host: Host) -> None:
