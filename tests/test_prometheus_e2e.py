@@ -125,8 +125,10 @@ def test_prometheus_scrapes_the_daemon_and_evaluates_the_alert_rules(
     assert {r["type"] for r in rules} == {"alerting"}
     bad = {r["name"]: (r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"}
     assert not bad, bad
-    expected = {"SidecarDown", "SidecarNoSuccessfulPoll", "SidecarDeadLetters", "SidecarJobFailureRatioHigh",
-                "SidecarQueueBacklogGrowing", "SidecarJobsWaitTooLong", "SidecarOpenAIRateLimited"}
+    # Every rule of the file, loaded and evaluated by the real server.
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    expected = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    assert {"SidecarDown", "SidecarNoSuccessfulPoll", "SidecarNoJobCompleted"} <= expected
     assert {r["name"] for r in rules} == expected
     # A healthy daemon that just polled and completed its one job fires nothing.
     firing = [r["name"] for r in rules if r["state"] == "firing"]
