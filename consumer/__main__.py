@@ -110,6 +110,7 @@ def cmd_intake(args: argparse.Namespace) -> int:
     import threading
 
     from consumer.intake import Intake, IntakeServer
+    from consumer.sdnotify import Notifier
 
     settings = _settings(args)
     problems = settings.intake_problems()
@@ -128,7 +129,10 @@ def cmd_intake(args: argparse.Namespace) -> int:
     server.start()
     log.info("intake_listening", extra={"host": settings.intake_host, "port": server.port,
                                         "queue": settings.sqs_queue_url})
+    notifier = Notifier(os.environ.get("NOTIFY_SOCKET"))
+    notifier.ready(f"listening on {settings.intake_host}:{server.port}")
     stop.wait()
+    notifier.stopping("stopping")
     log.info("intake_stopping")
     server.stop()
     return 0

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the test suite uses: espeak-ng (speech fixtures), prometheus (promtool and the
-# end-to-end scrape test), systemd (systemd-analyze), logrotate (checks systemd/salestrainer-sidecar.logrotate).
+# end-to-end scrape test), systemd (systemd-analyze), logrotate (checks systemd/salestrainer-sidecar.logrotate),
+# php-cli (tests/test_signing.py runs docs/contract.md's PHP snippet and test vectors with real PHP).
 # Installs only what is missing, and only as root.
 set -euo pipefail
-packages=(espeak-ng prometheus systemd logrotate)
+packages=(espeak-ng prometheus systemd logrotate php-cli)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -22,8 +22,8 @@ def sidecar(*args: str, env: dict[str, str] | None = None, cwd=None) -> subproce
                           env={**os.environ, **(env or {})}, cwd=cwd)
 
 
-@pytest.mark.parametrize("args", [(), ("run",), ("dev",), ("check",), ("enqueue",), ("schema",), ("dlq",),
-                                  ("dlq", "redrive"), ("dlq", "purge")])
+@pytest.mark.parametrize("args", [(), ("run",), ("dev",), ("check",), ("enqueue",), ("intake",), ("schema",),
+                                  ("dlq",), ("dlq", "redrive"), ("dlq", "purge")])
 def test_every_command_has_help(args):
     out = sidecar(*args, "--help")
     assert out.returncode == 0 and "usage: sidecar" in out.stdout and len(out.stdout) > 150

@@ -148,3 +148,52 @@ def test_hardening_directives() -> None:
     # It talks to AWS and OpenAI: an IP allow list would break it.
     assert "IPAddressDeny" not in d
     assert "PrivateNetwork" not in d
+
+
+# ---- the optional intake unit (`sidecar intake`, the cut-over from the old POST /transcribe)
+
+INTAKE_UNIT = ROOT / "systemd" / "salestrainer-sidecar-intake@.service"
+
+
+@pytest.mark.parametrize("instance", ["prod", "dev"])
+def test_intake_unit_verifies_clean(tmp_path: Path, instance: str) -> None:
+    exe = _systemd_analyze()
+    stub = tmp_path / "bin" / "sidecar"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    text = INTAKE_UNIT.read_text()
+    real = "ExecStart=/opt/salestrainer-sidecar/%i/.venv/bin/sidecar intake"
+    assert real in text.splitlines()
+    unit = tmp_path / f"salestrainer-sidecar-intake@{instance}.service"
+    unit.write_text(text.replace(real, f"ExecStart={stub} intake"))
+    proc = subprocess.run([exe, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert [line for line in output.splitlines() if "salestrainer" in line] == [], output
+
+
+def test_intake_unit_exposure_is_low() -> None:
+    proc = subprocess.run([_systemd_analyze(), "security", "--offline=true", "--no-pager", str(INTAKE_UNIT)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    output = proc.stdout + proc.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
+    assert match, output
+    print(match[0])
+    assert float(match[1]) <= MAX_EXPOSURE, output
+
+
+def test_intake_unit_runs_beside_the_daemon_and_is_hardened_like_it() -> None:
+    intake, daemon = _directives(INTAKE_UNIT.read_text()), _directives(UNIT.read_text())
+    assert intake["ExecStart"] == ["/opt/salestrainer-sidecar/%i/.venv/bin/sidecar intake"]
+    assert intake["Type"] == ["notify"]  # `sidecar intake` sends READY=1 once its port is bound
+    assert intake["RestartPreventExitStatus"] == ["2"]
+    for key in ("User", "Group", "EnvironmentFile", "WorkingDirectory", "LogsDirectory", "UMask", "NoNewPrivileges",
+                "CapabilityBoundingSet", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                "PrivateUsers", "RestrictAddressFamilies", "SystemCallArchitectures", "RestrictNamespaces"):
+        assert intake.get(key) == daemon.get(key), key
+    assert "@system-service" in intake["SystemCallFilter"]
+    assert intake["MemoryDenyWriteExecute"] == ["yes"]  # no transcription in this process, so no JIT
+    assert "IPAddressDeny" not in intake and "PrivateNetwork" not in intake
+    assert "[Install]" in INTAKE_UNIT.read_text()
