@@ -111,6 +111,14 @@ def hostile_cases() -> list[Case]:
         bad("job_id-newline", "invalid_message",
             body=json.dumps({"job_id": "ok-1\n{\"event\":\"job_completed\"}", "s3_key": ok})),
         bad("job_id-129-chars", "invalid_message", body=json.dumps({"job_id": "j" * 129, "s3_key": ok})),
+        bad("job_id-true", "invalid_message", body=json.dumps({"job_id": True, "s3_key": ok})),
+        bad("job_id-zero", "invalid_message", body=json.dumps({"job_id": 0, "s3_key": ok})),
+        bad("job_id-float", "invalid_message", body='{"job_id": 1.0, "s3_key": "audio/ok-0.wav"}'),
+        # What PHP sends: an integer job_id is readable (its decimal string), and metadata rides along.
+        bad("job_id-integer-language-unknown", "invalid_message", callback="4242",
+            body=json.dumps({"job_id": 4242, "s3_key": ok, "language": "deu", "metadata": {"post_id": 4242}})),
+        bad("locale-with-foreign-bucket", "forbidden_input", job_id="loc-1", key=ok,
+            extra={"language": "de_DE", "s3_bucket": "evil-bucket", "metadata": {"post_id": 7}}),
         # Size: the cap is on bytes, before signature or parsing.
         bad("body-over-256KiB", "body_too_large",
             body=json.dumps({"job_id": "huge-1", "s3_key": ok, "pad": "x" * (300 * 1024)})),
@@ -278,7 +286,10 @@ def test_hostile_messages_interleaved_with_valid_jobs(spawn_daemon, aws, openai_
         bodies = wordpress.terminal(job_id)
         assert [(b["status"], b["error"]["code"]) for b in bodies] == [("failed", case.code)], case.name
         assert bodies[0]["error"]["retryable"] is False and bodies[0]["error"]["message"]
-    for name in ("tamper-1", "huge-1", "huge-2", "broken-1", "deep-1", "ok-0/../x y"):
+    # Metadata comes back on a failed callback too: WordPress finds its post by it.
+    assert [b["metadata"] for b in wordpress.terminal("4242")] == [{"post_id": 4242}]
+    assert [b["metadata"] for b in wordpress.terminal("loc-1")] == [{"post_id": 7}]
+    for name in ("tamper-1", "huge-1", "huge-2", "broken-1", "deep-1", "ok-0/../x y", "True", "1", "0"):
         assert wordpress.terminal(name) == [], f"{name}: a callback for a message that was not authentic/readable"
     assert len(wordpress.received) == len(valid_jobs) + expected_callbacks
 
