@@ -11,10 +11,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from consumer import __version__
+from consumer.aws import explain_aws_error
 from consumer.errors import ConfigError, ConsumerError
 from consumer.settings import Settings, load_settings
 
@@ -23,11 +26,15 @@ EXIT_CONFIG = 2
 log = logging.getLogger("consumer")
 
 
-def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+def _env_file_readable(args: argparse.Namespace) -> None:
     named = args.env_file  # None: the optional .env of the working directory
     if named is not None and not os.access(named, os.R_OK):
         raise ConfigError([f"--env-file {named}: no such file, or not readable by this user (sudo?)"])
-    return load_settings(env_file=named or ".env", **overrides)
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    _env_file_readable(args)
+    return load_settings(env_file=args.env_file or ".env", **overrides)
 
 
 def _logging(settings: Settings) -> None:
@@ -43,18 +50,22 @@ def _clients(settings: Settings) -> Any:
     return make_clients(settings)
 
 
-def cmd_run(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> int:
-    from consumer.app import build_daemon, install_signal_handlers
+def cmd_run(args: argparse.Namespace, overrides: dict[str, Any] | None = None,
+            on_exit: Callable[[], None] | None = None) -> int:
+    from consumer.app import build_daemon, ensure_can_listen, install_signal_handlers
     from consumer.sdnotify import Notifier
 
     settings = _settings(args, **(overrides or {}))
     _logging(settings)
+    ensure_can_listen(settings.metrics_host, settings.metrics_port)  # before the queue is touched
     sqs, s3 = _clients(settings)
     daemon = build_daemon(settings, sqs=sqs, s3=s3, notifier=Notifier(os.environ.get("NOTIFY_SOCKET")))
     port = daemon.serve(host=settings.metrics_host, port=settings.metrics_port).port
     log.info("metrics_listening", extra={"host": settings.metrics_host, "port": port})
     install_signal_handlers(daemon.worker)
     status = daemon.run(drain=getattr(args, "drain", False))
+    if on_exit:
+        on_exit()
     # Done: every message is settled or handed back. A job released at shutdown may still have threads
     # waiting on OpenAI (a chunk pool's threads are not daemon threads, so the interpreter would wait up
     # to TRANSCRIBE_TIMEOUT for them, past systemd's TimeoutStopSec); nothing they could do is wanted.
@@ -65,14 +76,21 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from consumer.devstack import SAMPLE, start_local_stack
+    from consumer.app import ensure_can_listen
+    from consumer.devstack import DEV_METRICS_PORT, SAMPLE, announce_second_shell, local_overrides, start_local_stack
 
     settings = _settings(args)
+    overrides: dict[str, Any] = {}
+    if "metrics_port" not in settings.model_fields_set:  # never prod's 9002: `make run` on the prod host
+        overrides["metrics_port"] = DEV_METRICS_PORT
+    # Checked before anything starts: a port in use must not leave a half-started stack behind a traceback.
+    ensure_can_listen(settings.metrics_host, overrides.get("metrics_port", settings.metrics_port))
     if settings.sqs_queue_url:
-        return cmd_run(args)
+        return cmd_run(args, overrides)
     _logging(settings)
-    overrides: dict[str, Any] = start_local_stack(settings.aws_region)
+    overrides |= local_overrides(settings, start_local_stack(settings.aws_region))
     local = _settings(args, **overrides)
+    env_file = announce_second_shell(local)
     if local.transcriber_kind == "openai" or SAMPLE.exists():
         from consumer.ops import enqueue
 
@@ -80,15 +98,17 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if SAMPLE.exists():
             sent = enqueue(local, sqs, s3, str(SAMPLE), job_id="sample-recording")
             log.info("sample_enqueued", extra=sent)
-    return cmd_run(args, overrides)
+    return cmd_run(args, overrides, on_exit=lambda: env_file.unlink(missing_ok=True))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from consumer.ops import dependency_checks, run_checks
+    from consumer.check import check, dependency_checks
+    from consumer.settings import load_settings_leniently
 
-    settings = _settings(args)
+    _env_file_readable(args)
+    settings, problems = load_settings_leniently(env_file=args.env_file or ".env")
     sqs, s3 = _clients(settings)
-    return 0 if run_checks(dependency_checks(settings, sqs, s3, probe=args.probe)) else 1
+    return check(settings, problems, dependency_checks(settings, sqs, s3, probe=args.probe))
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -165,8 +185,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     elif args.action == "redrive":
         if not args.all and not args.job_id:
             raise ConfigError(["dlq redrive: name --job-id ID (repeatable) or --all"])
-        moved = dlq.redrive(dead, source, job_ids=None if args.all else set(args.job_id))
+        named = None if args.all else set(args.job_id)
+        moved = dlq.redrive(dead, source, job_ids=named)
         print(f"redrove {moved} message(s) to {settings.sqs_queue_url}", file=sys.stderr)
+        if named and moved < len(named):
+            which = f"job {next(iter(named))}" if len(named) == 1 else f"{len(named) - moved} of the jobs named"
+            print(f"error: no such {which} in the DLQ (`sidecar dlq ls` lists what is there)", file=sys.stderr)
+            return 1
     elif args.action == "purge":
         if not args.yes:
             raise ConfigError(["dlq purge: deletes every dead letter for good; add --yes to confirm"])
@@ -262,7 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"configuration error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     except ConsumerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        aws = explain_aws_error(exc)
+        print(f"error: {exc.code}: {aws}" if aws else f"error: {exc}", file=sys.stderr)
+        return 1
+    except (BotoCoreError, ClientError) as exc:  # a boto3 call outside the adapters (upload, head)
+        print(f"error: {explain_aws_error(exc) or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

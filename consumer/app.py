@@ -5,10 +5,12 @@ Everything is constructed here and handed down, so tests can hand in clients poi
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -76,6 +78,29 @@ def find_dlq(sqs: SQSClient, queue: SqsQueue, settings: Settings) -> tuple[str |
     return None, max_receives
 
 
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """The configuration line for a side port that cannot be opened."""
+    if exc.errno == errno.EADDRINUSE:
+        return (f"METRICS_PORT: {host}:{port} is in use (another sidecar? prod listens on 9002); set "
+                "METRICS_PORT to a free port, or 0 for any free port")
+    if exc.errno == errno.EACCES:
+        return f"METRICS_PORT: {port} needs privileges this user lacks; use a port above 1023"
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:  # no such name, or not ours
+        return f"METRICS_HOST: cannot listen on {host!r} ({exc.strerror or exc}); 127.0.0.1 is the usual value"
+    return f"METRICS_HOST/METRICS_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+def ensure_can_listen(host: str, port: int) -> None:
+    """Raise ConfigError now if METRICS_HOST:METRICS_PORT cannot be opened, before anything else starts.
+    Binds the way the side port will (IPv4, SO_REUSEADDR, as http.server does) and closes again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError([listen_problem(host, port, exc)]) from None
+
+
 @dataclass
 class Daemon:
     worker: Worker
@@ -84,7 +109,11 @@ class Daemon:
     side_port: SidePortServer | None = None
 
     def serve(self, *, host: str, port: int) -> SidePortServer:
-        self.side_port = SidePortServer(self.metrics, self.worker.health, host=host, port=port).start()
+        """Start /metrics and /health; a port in use is a ConfigError naming METRICS_PORT."""
+        try:
+            self.side_port = SidePortServer(self.metrics, self.worker.health, host=host, port=port).start()
+        except OSError as exc:
+            raise ConfigError([listen_problem(host, port, exc)]) from None
         return self.side_port
 
     def run(self, *, drain: bool = False) -> int:

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from consumer.errors import ConsumerError, PermanentError, RetryableError
 
@@ -94,3 +100,28 @@ def translate_aws_error(
         retryable, our_code = True, default_code
     message = f"{what}: {code or type(exc).__name__}: {exc}"
     return RetryableError(message, code=our_code) if retryable else PermanentError(message, code=our_code)
+
+
+# Where boto3's default credential chain looks, in its order (boto3 "Credentials" guide).
+CREDENTIALS_HINT = ("boto3 looks for AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (environment, .env or --env-file), "
+                    "then AWS_PROFILE and ~/.aws/credentials / ~/.aws/config, then the instance role")
+
+
+def explain_aws_error(exc: BaseException) -> str | None:
+    """One line for an operator about the botocore error behind `exc` (itself or a cause), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (NoCredentialsError, PartialCredentialsError)):
+            return f"no usable AWS credentials ({seen}): {CREDENTIALS_HINT}"
+        if isinstance(seen, EndpointConnectionError):
+            return (f"cannot reach {seen.kwargs.get('endpoint_url', 'the AWS endpoint')}: check AWS_ENDPOINT_URL "
+                    "(a local stack: is `make run` still running?) and AWS_REGION")
+        if isinstance(seen, ClientError):
+            error = seen.response.get("Error", {})
+            what = f"{seen.operation_name}: {error.get('Code', '?')}: {error.get('Message', '')}"
+            if error.get("Code") in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation"):
+                return (f"{what} (the credentials in use lack this permission; deploy/cloudformation.yaml "
+                        "has the policies)")
+            return what
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None

@@ -1,25 +1,23 @@
-"""Operator commands besides the daemon: `sidecar check` (reach every dependency) and `sidecar enqueue`
-(whose signing and sending, `send_job`, `sidecar intake` shares).
+"""`sidecar enqueue` (whose signing and sending, `send_job`, `sidecar intake` shares). `sidecar check`
+lives in check.py.
 
-`check --probe` also sends `data/probe.wav` (one second of speech, 16 kHz WAV) to the configured
-transcriber with exactly the request a job would send, so a model, key or format the endpoint refuses is
-seen before traffic meets it (deploy.sh runs it before restarting prod). It costs a fraction of a cent.
+A source that is a local file is uploaded; anything else is sent as an S3 key, except one that looks
+like a local path (absolute, ~, ./, ../, a bare file name, or in a directory that exists here) that the
+bucket does not have either: that is a mistyped path, and as a key it would only become a dead letter.
 """
 
 from __future__ import annotations
 
 import json
 import mimetypes
-import socket
+import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
-from consumer.errors import ConfigError, ConsumerError
+from consumer.errors import ConfigError, PermanentError
 from consumer.signing import sign
 from consumer.sqs import SqsQueue
 
@@ -28,91 +26,25 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
     from consumer.settings import Settings
-    from consumer.transcribe import Transcriber
-
-Check = tuple[str, Callable[[], str]]
-PROBE_CLIP = Path(__file__).resolve().parent / "data" / "probe.wav"
 
 
-def run_checks(checks: list[Check], out: Callable[[str], None] = print) -> bool:
-    """Run each check, print one line with a pass/fail mark, return True when all passed."""
-    ok = True
-    for name, fn in checks:
-        try:
-            detail = fn()
-            out(f"[ ok ] {name}: {detail}")
-        except (ConsumerError, ConfigError, ClientError, BotoCoreError, OSError) as exc:
-            ok = False
-            out(f"[FAIL] {name}: {exc}")
-        except Exception as exc:  # noqa: BLE001  (a check must report, never crash the report)
-            ok = False
-            out(f"[FAIL] {name}: {type(exc).__name__}: {exc}")
-    return ok
+def looks_local(source: str) -> bool:
+    """True for what a shell would have completed as a path rather than what an S3 key looks like."""
+    return (source.startswith(("/", "~", "./", "../")) or "/" not in source
+            or Path(source).expanduser().parent.is_dir())
 
 
-def dependency_checks(settings: Settings, sqs: SQSClient, s3: S3Client, *, probe: bool = False) -> list[Check]:
-    """The checks `sidecar check` runs, in order (`probe`: transcribe the probe clip as a job would)."""
-
-    def config() -> str:
-        problems = settings.run_problems()
-        if problems:
-            raise ConfigError(problems)
-        return f"environment={settings.environment}, transcriber={settings.transcriber_kind}"
-
-    def bucket() -> str:
-        s3.head_bucket(Bucket=settings.s3_bucket or "")
-        return f"s3://{settings.s3_bucket} reachable"
-
-    def queue() -> str:
-        q = SqsQueue(sqs, settings.sqs_queue_url or "")
-        visible, in_flight = q.counts()
-        policy = q.redrive_policy()
-        if not policy and not settings.sqs_dlq_url:
-            raise ConfigError(["SQS_DLQ_URL: not set and the queue has no RedrivePolicy (`run` needs a DLQ)"])
-        dlq = f"DLQ after {policy[1]} receives" if policy else f"no RedrivePolicy, DLQ {settings.sqs_dlq_url}"
-        return f"{visible} visible, {in_flight} in flight; {dlq}"
-
-    def transcriber() -> str:
-        from consumer.transcribe import build_transcriber
-        from consumer.transcribe_openai import OpenAITranscriber
-
-        backend = build_transcriber(settings)
-        if probe:
-            return probe_transcriber(backend)
-        if isinstance(backend, OpenAITranscriber):
-            backend.client.models.list()
-            return f"OpenAI reachable, model {backend.model}"
-        return f"local model {backend.model} loaded"
-
-    def callback() -> str:
-        parts = urlsplit(settings.wp_side_car_callback or "")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname or "", port), timeout=5):
-            pass
-        return f"{parts.hostname}:{port} accepts connections"
-
-    return [("configuration", config), ("S3 bucket", bucket), ("SQS queue", queue),
-            ("transcription", transcriber), ("WordPress callback host", callback)]
-
-
-def probe_transcriber(backend: Transcriber) -> str:
-    """Transcribe the probe clip the way a job's part is sent; raise with the endpoint's own words if refused."""
-    from consumer.transcribe import AudioPart
-    from consumer.transcribe_openai import OpenAITranscriber
-
-    part = AudioPart(PROBE_CLIP, PROBE_CLIP.name, duration=1.0)
-    transcript = backend.transcribe(part, language=None, prompt=None)
-    if isinstance(backend, OpenAITranscriber):
-        refused = backend.refused
-        if refused:  # jobs would still complete, but not as configured: say so before traffic does
-            raise ConfigError([f"TRANSCRIBE_MODEL {backend.model}: the endpoint refused `{param}` (jobs would "
-                               f"fall back without it): {error}" for param, error in refused.items()])
-        how = f"{backend.model} ({backend.response_format})"
-    else:
-        how = backend.model
-    if not transcript.text:
-        raise ConfigError([f"{how}: transcribed 1 s of speech as empty text (is it the right model?)"])
-    return f"{how} transcribed the probe clip: {transcript.text!r}"
+def refuse_unless_in_bucket(s3: S3Client, bucket: str, source: str) -> None:
+    """Raise audio_not_found unless s3://bucket/source exists (a 403 cannot tell: refused as well)."""
+    try:
+        s3.head_object(Bucket=bucket, Key=source)
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status not in (403, 404):
+            raise
+        seen = "no object" if status == 404 else "no object these credentials can see"
+        raise PermanentError(f"{source}: no such local file (in {os.getcwd()}), and {seen} s3://{bucket}/{source}; "
+                             "check the path", code="audio_not_found") from None
 
 
 def enqueue(settings: Settings, sqs: SQSClient, s3: S3Client, source: str, *, job_id: str | None = None,
@@ -121,13 +53,15 @@ def enqueue(settings: Settings, sqs: SQSClient, s3: S3Client, source: str, *, jo
     if not settings.sqs_queue_url or not settings.s3_bucket:
         raise ConfigError([p for p in settings.run_problems() if p.startswith(("SQS_QUEUE_URL", "S3_BUCKET"))])
     job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_file():
         key = f"{settings.s3_key_prefix or ''}{job_id}{path.suffix.lower()}"
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         s3.upload_file(str(path), settings.s3_bucket, key, ExtraArgs={"ContentType": ctype})
     else:
         key = source
+        if looks_local(source):
+            refuse_unless_in_bucket(s3, settings.s3_bucket, source)
     body: dict[str, Any] = {"job_id": job_id, "s3_key": key}
     if metadata is not None:
         body["metadata"] = metadata

@@ -237,6 +237,7 @@ class OpenAIStub:
         self.on_request: Callable[[TranscriptionRequest], None] | None = None
         self.lock = threading.Lock()
         self.release = threading.Event()  # set to cut every pending delay short (test teardown)
+        self.lists_models = True  # False: GET /models answers 404, as faster-whisper-server does
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -244,7 +245,10 @@ class OpenAIStub:
             disable_nagle_algorithm = True  # else each reply waits ~40 ms for a delayed ACK
 
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path.rstrip("/").endswith("/models") and not stub.lists_models:
+                    # faster-whisper-server has no GET /v1/models: its 404 body (docs/reality.md).
+                    self._json(404, {"detail": "Not Found"})
+                elif self.path.rstrip("/").endswith("/models"):
                     data = [{"id": m, "object": "model", "owned_by": "system"} for m in MODELS]
                     self._json(200, {"object": "list", "data": data})
                 else:
