@@ -51,10 +51,23 @@ MU_PLUGIN = """<?php
 // Every action the plugin fires, one JSON line each, for the test to count.
 foreach ( array( 'salestrainer_transcript_ready', 'salestrainer_transcript_failed' ) as $st_hook ) {
 	add_action( $st_hook, function ( $job_id, $detail, $payload ) use ( $st_hook ) {
-		$line = json_encode( array( 'hook' => $st_hook, 'job_id' => $job_id, 'detail' => $detail, 'payload' => $payload ) );
+		$line = json_encode( array( 'hook' => $st_hook, 'job_id' => $job_id, 'detail' => $detail,
+			'payload' => $payload ) );
 		file_put_contents( ST_TEST_HOOK_LOG, $line . "\\n", FILE_APPEND | LOCK_EX );
 	}, 10, 3 );
 }
+// A site that locks its REST API to logged-in users, with the REST API handbook's own snippet
+// (developer.wordpress.org/rest-api/frequently-asked-questions/, "Require Authentication for All
+// Requests"); judging the user here also makes core check any Basic credentials (application passwords).
+add_filter( 'rest_authentication_errors', function ( $result ) {
+	if ( true === $result || is_wp_error( $result ) ) {
+		return $result;
+	}
+	if ( ! is_user_logged_in() ) {
+		return new WP_Error( 'rest_not_logged_in', 'You are not currently logged in.', array( 'status' => 401 ) );
+	}
+	return $result;
+} );
 // ?st_test_login=<key>: log the browser in as the admin and go to the jobs page.
 add_action( 'init', function () {
 	if ( ! isset( $_GET['st_test_login'] ) ) {
@@ -179,6 +192,9 @@ class WordPressSite:
         lines = ["<?php"] + [f"define( {php_literal(k)}, {php_literal(v)} );" for k, v in defines.items()]
         lines += [
             "define( 'WP_DEBUG', true );", "define( 'WP_DEBUG_DISPLAY', false );",
+            # 'local' turns on application passwords over plain http, so a stray Authorization header
+            # is checked by core (and refused) as it would be on an https production site.
+            "define( 'WP_ENVIRONMENT_TYPE', 'local' );",
             # No cron, no update checks: this site has no way out but to the local stack.
             "define( 'DISABLE_WP_CRON', true );", "define( 'AUTOMATIC_UPDATER_DISABLED', true );",
             "define( 'WP_HTTP_BLOCK_EXTERNAL', true );",

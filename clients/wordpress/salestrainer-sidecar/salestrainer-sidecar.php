@@ -24,6 +24,7 @@ define( 'SALESTRAINER_SIDECAR_FILE', __FILE__ );
 require_once __DIR__ . '/includes/class-st-sidecar-config.php';
 require_once __DIR__ . '/includes/class-st-sidecar-job-store.php';
 require_once __DIR__ . '/includes/class-st-sidecar-publisher.php';
+require_once __DIR__ . '/includes/class-st-sidecar-unconfigured-publisher.php';
 require_once __DIR__ . '/includes/class-st-sidecar-callback-route.php';
 require_once __DIR__ . '/includes/class-st-sidecar-admin-page.php';
 

@@ -2,6 +2,8 @@
 /**
  * The job table: one row per job_id, the only place a job's state is kept on this site.
  *
+ * States and transitions:
+ *
  *     enqueue --> queued --callback completed--> completed   (final: later callbacks change nothing)
  *                   |  \--callback failed-----> failed --callback completed--> completed
  *                   |                             |        (a job redriven from the DLQ that then succeeds)
@@ -18,6 +20,10 @@
  */
 
 defined( 'ABSPATH' ) || exit;
+
+// This class is the job table's storage layer: every query is a direct one by design, and none is
+// cached, because a cached row would hide a callback that has just arrived.
+// phpcs:disable WordPress.DB.DirectDatabaseQuery, WordPress.VIP.DirectDatabaseQuery
 
 /**
  * Reads and writes the job table through $wpdb.
@@ -97,9 +103,7 @@ final class ST_Sidecar_Job_Store {
 	 */
 	public static function get( $job_id ) {
 		global $wpdb;
-		$table = self::table();
-		// phpcs:ignore WordPress.DB.DirectDatabaseQuery -- the plugin's own table; a cached read could hide a callback.
-		$row = $wpdb->get_row( $wpdb->prepare( "SELECT * FROM {$table} WHERE job_id = %s", $job_id ), ARRAY_A );
+		$row = $wpdb->get_row( $wpdb->prepare( "SELECT * FROM {$wpdb->prefix}salestrainer_jobs WHERE job_id = %s", $job_id ), ARRAY_A );
 		return $row ? self::decode( $row ) : null;
 	}
 
@@ -111,9 +115,7 @@ final class ST_Sidecar_Job_Store {
 	 */
 	public static function recent( $limit = 50 ) {
 		global $wpdb;
-		$table = self::table();
-		// phpcs:ignore WordPress.DB.DirectDatabaseQuery -- the plugin's own table, read fresh for the operator.
-		$rows = $wpdb->get_results( $wpdb->prepare( "SELECT * FROM {$table} ORDER BY updated_at DESC, id DESC LIMIT %d", $limit ), ARRAY_A );
+		$rows = $wpdb->get_results( $wpdb->prepare( "SELECT * FROM {$wpdb->prefix}salestrainer_jobs ORDER BY updated_at DESC, id DESC LIMIT %d", $limit ), ARRAY_A );
 		return array_map( array( self::class, 'decode' ), $rows ? $rows : array() );
 	}
 
@@ -126,7 +128,7 @@ final class ST_Sidecar_Job_Store {
 	 * @return true|WP_Error
 	 */
 	public static function begin( $job_id, $s3_key, $metadata ) {
-		$fields = array(
+		$fields  = array(
 			'status'        => self::QUEUED,
 			's3_key'        => $s3_key,
 			'metadata'      => null === $metadata ? null : wp_json_encode( $metadata ),
@@ -178,7 +180,7 @@ final class ST_Sidecar_Job_Store {
 	 * @return string|WP_Error STORED or DUPLICATE.
 	 */
 	public static function complete( $job_id, array $fields ) {
-		$fields = array(
+		$fields  = array(
 			'status'        => self::COMPLETED,
 			'error_code'    => null,
 			'error_message' => null,
@@ -210,13 +212,12 @@ final class ST_Sidecar_Job_Store {
 	 */
 	private static function transition( $job_id, array $fields, array $unless ) {
 		global $wpdb;
-		$table  = self::table();
-		$now    = current_time( 'mysql', true );
-		$set    = self::assignments( $fields + array( 'updated_at' => $now ) );
-		$guard  = implode( ', ', array_map( array( self::class, 'quote' ), $unless ) );
-		$update = $wpdb->prepare( "UPDATE {$table} SET {$set} WHERE job_id = %s AND status NOT IN ({$guard})", $job_id ); // phpcs:ignore WordPress.DB.PreparedSQL.InterpolatedNotPrepared -- $set and $guard are built by prepare() and quote().
-		// phpcs:ignore WordPress.DB.DirectDatabaseQuery, WordPress.DB.PreparedSQL.NotPrepared -- prepared above; a conditional write has no API.
-		$updated = $wpdb->query( $update );
+		$now   = current_time( 'mysql', true );
+		$set   = self::assignments( $fields + array( 'updated_at' => $now ) );
+		$guard = implode( ', ', array_map( array( self::class, 'quote' ), $unless ) );
+		// $set and $guard are made of prepare()d pieces; $wpdb->update() cannot say "unless status is".
+		// phpcs:ignore WordPress.DB.PreparedSQL, WordPress.WP.PreparedSQL
+		$updated = $wpdb->query( $wpdb->prepare( "UPDATE {$wpdb->prefix}salestrainer_jobs SET {$set} WHERE job_id = %s AND status NOT IN ({$guard})", $job_id ) );
 		if ( false === $updated ) {
 			return new WP_Error( 'salestrainer_db_error', 'could not update the job table: ' . $wpdb->last_error, array( 'status' => 500 ) );
 		}
@@ -232,8 +233,9 @@ final class ST_Sidecar_Job_Store {
 				'updated_at' => $now,
 			)
 		);
-		// phpcs:ignore WordPress.DB.DirectDatabaseQuery, WordPress.DB.PreparedSQL.NotPrepared, WordPress.DB.PreparedSQL.InterpolatedNotPrepared -- $values is built by prepare().
-		$inserted = $wpdb->query( "INSERT INTO {$table} SET {$values} ON DUPLICATE KEY UPDATE id = id" );
+		// $values is made of prepare()d pieces; $wpdb->insert() cannot say "unless the row exists".
+		// phpcs:ignore WordPress.DB.PreparedSQL, WordPress.WP.PreparedSQL
+		$inserted = $wpdb->query( "INSERT INTO {$wpdb->prefix}salestrainer_jobs SET {$values} ON DUPLICATE KEY UPDATE id = id" );
 		if ( false === $inserted ) {
 			return new WP_Error( 'salestrainer_db_error', 'could not insert into the job table: ' . $wpdb->last_error, array( 'status' => 500 ) );
 		}
@@ -249,10 +251,9 @@ final class ST_Sidecar_Job_Store {
 	 */
 	private static function update_where( $job_id, array $fields, $status ) {
 		global $wpdb;
-		$table = self::table();
-		$set   = self::assignments( $fields + array( 'updated_at' => current_time( 'mysql', true ) ) );
-		// phpcs:ignore WordPress.DB.DirectDatabaseQuery, WordPress.DB.PreparedSQL.NotPrepared, WordPress.DB.PreparedSQL.InterpolatedNotPrepared -- $set is built by prepare().
-		$wpdb->query( $wpdb->prepare( "UPDATE {$table} SET {$set} WHERE job_id = %s AND status = %s", $job_id, $status ) );
+		$set = self::assignments( $fields + array( 'updated_at' => current_time( 'mysql', true ) ) );
+		// phpcs:ignore WordPress.DB.PreparedSQL, WordPress.WP.PreparedSQL -- $set is made of prepare()d pieces.
+		$wpdb->query( $wpdb->prepare( "UPDATE {$wpdb->prefix}salestrainer_jobs SET {$set} WHERE job_id = %s AND status = %s", $job_id, $status ) );
 	}
 
 	/**
@@ -268,9 +269,9 @@ final class ST_Sidecar_Job_Store {
 			if ( null === $value ) {
 				$parts[] = "`{$column}` = NULL";
 			} elseif ( is_int( $value ) ) {
-				$parts[] = $wpdb->prepare( "`{$column}` = %d", $value ); // phpcs:ignore WordPress.DB.PreparedSQL.InterpolatedNotPrepared -- a column name of this class.
+				$parts[] = $wpdb->prepare( "`{$column}` = %d", $value ); // phpcs:ignore WordPress.DB.PreparedSQL, WordPress.WP.PreparedSQL -- a column name of this class.
 			} else {
-				$parts[] = $wpdb->prepare( "`{$column}` = %s", (string) $value ); // phpcs:ignore WordPress.DB.PreparedSQL.InterpolatedNotPrepared -- a column name of this class.
+				$parts[] = $wpdb->prepare( "`{$column}` = %s", (string) $value ); // phpcs:ignore WordPress.DB.PreparedSQL, WordPress.WP.PreparedSQL -- a column name of this class.
 			}
 		}
 		return implode( ', ', $parts );

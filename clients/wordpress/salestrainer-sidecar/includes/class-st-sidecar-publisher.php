@@ -240,34 +240,3 @@ final class ST_Sidecar_Publisher {
 		return null;
 	}
 }
-
-/**
- * Stands in for a publisher when the site is not configured: every enqueue() says what is missing.
- */
-final class ST_Sidecar_Unconfigured_Publisher {
-
-	/**
-	 * What is missing.
-	 *
-	 * @var string
-	 */
-	private $reason;
-
-	/**
-	 * A publisher that refuses with $reason.
-	 *
-	 * @param string $reason What is missing.
-	 */
-	public function __construct( $reason ) {
-		$this->reason = $reason;
-	}
-
-	/**
-	 * Refuse.
-	 *
-	 * @return WP_Error
-	 */
-	public function enqueue() {
-		return new WP_Error( 'salestrainer_not_configured', 'SalesTrainer Sidecar is not configured: ' . $this->reason );
-	}
-}
