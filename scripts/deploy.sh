@@ -136,14 +136,14 @@ fail() {
   fi
   say ""
   say "VERIFICATION FAILED: $1"
-  history_add failed "$ATTEMPT_NAME" "$ATTEMPT_COMMIT" "$1"
+  [[ -z ${ATTEMPT_COMMIT:-} ]] || history_add failed "$ATTEMPT_NAME" "$ATTEMPT_COMMIT" "$1"
   if ((tail)); then journal_tail; fi
   if ((NO_ROLLBACK)); then
     say "$UNIT is now at $(describe_head) and did not verify; not rolling back. Check: journalctl -u $UNIT -e"
     exit 1
   fi
   local back="" when="" how=""
-  IFS=$'\t' read -r back _ when how < <(rollback_target "$ATTEMPT_COMMIT") || true
+  IFS=$'\t' read -r back _ when how < <(rollback_target "${ATTEMPT_COMMIT:-}") || true
   if [[ -z $back ]]; then
     say "The deploy history has no release that verified here to roll back to. Check: journalctl -u $UNIT -e"
     exit 1

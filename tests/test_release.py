@@ -668,7 +668,9 @@ def test_a_model_the_endpoint_refuses_stops_the_deploy_before_the_restart(
     """Checkpoint 2 runs the real `sidecar check --probe` with the instance's env file against the
     stand-in endpoint: a model it does not serve never reaches the restart, and the API's words are shown."""
     env_file = Path(host.env["DEPLOY_ENV_DIR"]) / "prod.env"
-    stack = {**stack_env(aws, openai_stub, wordpress, tmp_path), "ENVIRONMENT": "prod",
+    # ENVIRONMENT=test, appended after the fixture's prod: prod requires an https callback, and the
+    # WordPress stand-in serves http; what the probe does with the endpoint does not depend on it.
+    stack = {**stack_env(aws, openai_stub, wordpress, tmp_path), "ENVIRONMENT": "test",
              "TRANSCRIBE_MODEL": "whisper-9000-typo"}
     lines = [f"{k}={v}" for k, v in stack.items() if k != "METRICS_PORT"]  # the file's own port is /health's
     env_file.write_text(env_file.read_text() + "\n".join(lines) + "\n")
