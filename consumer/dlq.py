@@ -19,9 +19,9 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 
-from datetime import UTC, datetime
 from consumer.errors import ConsumerError, PermanentError
 from consumer.sqs import Message, SqsQueue
 
@@ -31,15 +31,14 @@ DLQ_ATTRIBUTES = ("error_code", "error_message", "failed_at", "source_message_id
 LIST_VISIBILITY = 60
 
 
-CLOCK_SKEW = 30.0  # seconds SQS's SentTimestamp may run ahead of this host's clock (NTP keeps it far smaller)
-
-
 def iso_utc(epoch: str) -> str:
     """The worker's failed_at (unix seconds) as ISO-8601 UTC; anything else as it came."""
     try:
         return datetime.fromtimestamp(float(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (ValueError, OverflowError, OSError):
         return epoch
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     message: Message
