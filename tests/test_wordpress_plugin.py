@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from consumer.signing import verify
+from consumer.signing import signature_digest, verify
 from tests.conftest import ROOT, SECRET, SPEECH, TOKEN, upload
 from tests.stack import require_tool, wait_for
 from tests.stack.aws import AwsStack, MotoServer
@@ -242,6 +242,18 @@ def test_enqueue_refuses_what_the_contract_refuses(site: WordPressSite, site_aws
     assert isinstance(enqueue(site, "audio/x.wav", "empty-meta", {}, "pt-BR"), str)
     assert json.loads(peek(site_aws, take=True)["Body"]) == {"job_id": "empty-meta", "s3_key": "audio/x.wav",
                                                              "language": "pt"}
+
+
+def test_signature_reproduces_the_contract_vector(site: WordPressSite) -> None:
+    body = '{"job_id":"job-1","s3_key":"audio/job-1.webm"}'  # docs/contract.md, "Test vector"
+    vector = "t=1700000000,v1=7fb9dec6c30426d339a6ed8ccf9e2770870f644a40985c5067b47842fb66bb52"
+    sign = f"return ST_Sidecar_Publisher::signature( {php_literal(body)}, array( %s ), 1700000000 );"
+    assert site.php(sign % "'s3cr3t'") == vector
+    # Every configured secret signs (a rotation), one v1= entry each, and the daemon takes either.
+    rotated = site.php(sign % "'new-secret', 's3cr3t'")
+    assert rotated == f"t=1700000000,v1={signature_digest('new-secret', 1700000000, body)},{vector.split(',')[1]}"
+    verify(body, rotated, ["s3cr3t"])
+    verify(body, rotated, ["new-secret"])
 
 
 def test_plugin_php_passes_lint_and_the_wordpress_coding_standard() -> None:
