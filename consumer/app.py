@@ -26,7 +26,7 @@ from consumer.deliver import Deliverer, make_session
 from consumer.errors import ConfigError, ConsumerError
 from consumer.metrics import Metrics, SidePortServer
 from consumer.pipeline import Pipeline
-from consumer.results import ResultStore
+from consumer.records import RecordStore
 from consumer.sdnotify import Notifier
 from consumer.settings import Settings
 from consumer.sqs import SqsQueue, queue_url_for_arn
@@ -155,7 +155,7 @@ def build_daemon(settings: Settings, *, sqs: SQSClient, s3: S3Client, transcribe
         deliverer=Deliverer(session or make_session(), settings.wp_side_car_callback,
                             send_token_header=settings.send_x_server_token_header,
                             timeout=settings.callback_timeout),
-        results=ResultStore(s3, settings.s3_bucket, settings.results_prefix),
+        records=RecordStore(s3, settings.s3_bucket, settings.results_prefix),
         gate=gate, workdir=private_workdir(settings),
     )
     heartbeat_queue = SqsQueue(heartbeat_sqs or make_heartbeat_client(settings), settings.sqs_queue_url,

@@ -24,6 +24,11 @@ MAX_RESPONSE_BYTES = 64 * 1024
 
 # Status -> (retryable, code). Anything else 4xx is a rejection, anything else 5xx transient.
 CALLBACK_STATUS: dict[int, tuple[bool, str]] = {
+    # A misconfigured endpoint (token, route, plugin off) answers every job alike: a deployment problem,
+    # retried with backoff (without spending a job's receives) and alerted on, never a reason to fail jobs.
+    401: (True, "callback_misconfigured"),
+    403: (True, "callback_misconfigured"),
+    404: (True, "callback_misconfigured"),
     408: (True, "callback_unavailable"),
     409: (True, "callback_unavailable"),
     425: (True, "callback_unavailable"),

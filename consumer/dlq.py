@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ DLQ_ATTRIBUTES = ("error_code", "error_message", "failed_at", "source_message_id
 # Long enough to walk a large DLQ without meeting a message twice; also the longest a message can stay
 # hidden if handing it back fails.
 LIST_VISIBILITY = 60
+CLOCK_SKEW = 30.0  # seconds SQS's SentTimestamp may run ahead of this host's clock (NTP keeps it far smaller)
 
 
 def iso_utc(epoch: str) -> str:
@@ -45,11 +48,16 @@ class DeadLetter:
 
     @property
     def job_id(self) -> str:
+        """The body's job_id; a legacy `{"s3_key"}` job's travels in the `job_id` attribute."""
         try:
             data = json.loads(self.message.body)
-            return str(data.get("job_id") or data.get("s3_key") or "?") if isinstance(data, dict) else "?"
         except ValueError:
-            return "?"
+            data = None
+        if isinstance(data, dict) and data.get("job_id") is not None:
+            return str(data["job_id"])
+        legacy = isinstance(data, dict) and "s3_key" in data
+        # Moved here by the redrive policy (no copy of ours), a message keeps its MessageId: the legacy job's id.
+        return self.message.attributes.get("job_id") or (self.message.message_id if legacy else "?")
 
     def row(self) -> str:
         a = self.message.attributes
@@ -149,19 +157,32 @@ def list_dead_letters(dlq: SqsQueue, out: Callable[[str], None] = print,
     return count
 
 
-def redrive(dlq: SqsQueue, source: SqsQueue, *, job_ids: set[str] | None) -> int:
-    """Move matching messages (all when job_ids is None) back to the source queue, body and signature intact."""
+def redrive(dlq: SqsQueue, source: SqsQueue, *, job_ids: set[str] | None,
+            clock: Callable[[], float] = time.time) -> int:
+    """Move the matching dead letters that were there when it started (all when job_ids is None) back to
+    the source queue, body and signature intact; returns how many. It ends, whatever happens to them.
+
+    Each moved letter carries this run's `redrive_id`: the job's record takes it for an operator's new
+    round (a job that failed is tried again; one that completed is only re-sent `completed`), and a
+    letter that comes back to the DLQ during the run, carrying the same id, is not moved again. Letters
+    sent to the DLQ after the run started are left for the next run.
+    """
+    run = uuid.uuid4().hex
+    started = clock()
     progress = Progress("redriven")
     # Letters not chosen stay hidden until the walk ends (so it does not meet them again), then are handed
     # back. A letter sent but not deleted (the delete failed) is handed back too: a second copy of a job
-    # is harmless (results are stored, jobs leased), a hidden dead letter is not.
+    # is harmless (the job's record tells it apart), a hidden dead letter is not.
     with Walk(dlq) as walk:
         for letter in walk:
+            message = letter.message
             if job_ids is not None and letter.job_id not in job_ids:
                 continue
-            original = {k: v for k, v in letter.message.attributes.items() if k not in DLQ_ATTRIBUTES}
-            source.send(letter.message.body, original)
-            dlq.delete(letter.message)
+            if message.attributes.get("redrive_id") == run or (message.sent_timestamp or 0) > started + CLOCK_SKEW:
+                continue  # not there when we started: this run has moved it already, or it is newer
+            original = {k: v for k, v in message.attributes.items() if k not in DLQ_ATTRIBUTES}
+            source.send(message.body, original | {"redrive_id": run})
+            dlq.delete(message)
             walk.settled(letter)
             progress.step()
     progress.close()

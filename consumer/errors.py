@@ -2,11 +2,13 @@
 
     ConsumerError                  code, message; never raised itself
     ├── RetryableError             the job may succeed later; optional delay (seconds) hint
-    │     s3_unavailable, transcription_unavailable, rate_limited, callback_unavailable,
-    │     shutting_down, job_in_progress, internal_error (an unexpected exception)
+    │     s3_unavailable, transcription_unavailable, callback_unavailable, internal_error (a bug);
+    │     deferrals, which never spend a job's receives (worker.DEFERRALS): shutting_down,
+    │     job_in_progress (records.ClaimLostError), rate_limited, quota_exceeded,
+    │     transcription_misconfigured, callback_misconfigured; callback_undelivered (DLQ reason only)
     └── PermanentError             retrying cannot help; the job is failed and dead-lettered
           │ audio_not_found, audio_too_large, audio_too_long, unsupported_audio,
-          │ transcription_rejected, callback_rejected
+          │ transcription_rejected, callback_rejected, job_expired, job_id_conflict
           └── InvalidMessageError  the message is not a valid job (what could be read rides along)
                 invalid_message, bad_signature, forbidden_input, body_too_large
 

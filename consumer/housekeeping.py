@@ -1,7 +1,7 @@
-"""Housekeeping for the worker: visibility heartbeats, lease renewals, queue-depth gauges, the watchdog.
+"""Housekeeping for the worker: visibility heartbeats, claim renewals, queue-depth gauges, the watchdog.
 
 Part of the worker layer (it extends visibility on the worker's in-flight messages), kept apart so
-worker.py stays the loop and the settle step. One thread; its slow I/O (S3 lease renewals, queue-depth
+worker.py stays the loop and the settle step. One thread; its slow I/O (S3 claim renewals, queue-depth
 polls) goes to two helper threads so it can never delay a visibility extension or the watchdog.
 """
 
@@ -37,7 +37,7 @@ class Housekeeper:
     def run(self) -> None:
         tick = min(1.0, self.settings.heartbeat_every / 2)
         next_depth = self.worker.clock()
-        # Lease renewals (S3) and depth polls go to their own threads: a slow S3 or a slow
+        # Claim renewals (S3) and depth polls go to their own threads: a slow S3 or a slow
         # GetQueueAttributes must not delay the visibility extensions or the watchdog.
         # One thread per job and one for the depths, so one hung renewal cannot starve the others.
         io = ThreadPoolExecutor(max_workers=self.settings.concurrency + 1, thread_name_prefix="housekeeping-io")
@@ -58,18 +58,18 @@ class Housekeeper:
                     next_status = now + STATUS_EVERY
                     self.worker.notifier.status(f"polling; {self.worker.in_flight} job(s) in flight")
                 for attempt in self._heartbeat(now):
-                    once(attempt.message.receipt_handle, lambda a=attempt: self._renew_lease(a))  # type: ignore[misc]
+                    once(attempt.message.receipt_handle, lambda a=attempt: self._renew_claim(a))  # type: ignore[misc]
                 if now >= next_depth:
                     next_depth = now + self.settings.queue_metrics_interval
                     once("depths", self._observe_depths)
         finally:
             io.shutdown(wait=False, cancel_futures=True)
 
-    def _renew_lease(self, attempt: Attempt) -> None:
-        # Renewed even when SQS refused the extension: the lease is what keeps a redelivered copy of a
+    def _renew_claim(self, attempt: Attempt) -> None:
+        # Renewed even when SQS refused the extension: the claim is what keeps a redelivered copy of a
         # still-running job from being transcribed a second time elsewhere.
-        if not self.worker.pipeline.renew_lease(attempt, until=time.time() + self.settings.visibility_timeout):
-            log.warning("lease_renewal_failed", extra=self.worker.log_fields(attempt))
+        if not self.worker.pipeline.renew_claim(attempt, until=time.time() + self.settings.visibility_timeout):
+            log.warning("claim_renewal_failed", extra=self.worker.log_fields(attempt))
 
     def _heartbeat(self, now: float) -> list[Attempt]:
         """Extend the visibility of every job due for it (batched); returns those jobs."""

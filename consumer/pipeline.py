@@ -1,21 +1,26 @@
 """The job pipeline: `Pipeline.process` lists the stages in order; each stage lives in its own module.
 
-    validate (validate.py) -> lease, fetch (results.py: a stored result?) -> download (fetch.py)
-        -> prepare (audio.py) -> transcribe (transcribe.py) -> store (results.py) -> callback (deliver.py)
+    validate (validate.py) -> claim (records.py: the job's record says what is left to do)
+        -> download (fetch.py) -> prepare (audio.py) -> transcribe (transcribe.py, parts stored as paid for)
+        -> store (the transcript, and that `completed` is being sent) -> callback (deliver.py)
 
-Stages return values or raise ConsumerError; the pipeline never touches SQS and never decides what
-happens to a message (that is `worker.Worker.settle`). Everything after validation runs under the job's
-lease (results.py), taken after validation and given up by the worker once the message is settled, so
-two deliveries of one job never run at once, on any host. Per-stage timings are
-recorded on the `Attempt` so the worker can observe them.
+What a delivery does is read from the job's record (jobrecord.py draws its states): a job whose
+`completed` was acknowledged is a duplicate; one whose `completed` was attempted re-sends it from the
+stored transcript, whatever became of the recording; one whose `failed` was attempted re-sends that; a
+job older than MAX_JOB_AGE fails as `job_expired`. Stages return values or raise ConsumerError; the
+pipeline never touches SQS and never decides what happens to a message (that is `worker.Worker.settle`),
+but it writes the record's transitions the worker asks for (`report_failure`, `acknowledge`,
+`mark_dead_lettered`, `release_claim`). Per-stage timings are recorded on the `Attempt`.
 
-Another thread may cancel an attempt (shutdown hands its message back; a renewal finds its lease taken):
-it then starts no further stage. The callback stage commits it instead: from there on it finishes.
+Another thread may cancel an attempt (shutdown hands its message back; a renewal finds the claim lost; the
+job grew too old): it then starts no further stage. The callback stage commits it instead: from there on
+it finishes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -30,9 +35,10 @@ from typing import TYPE_CHECKING, Literal
 
 from consumer import audio, fetch
 from consumer.deliver import Deliverer
-from consumer.errors import ConsumerError, InvalidMessageError, RetryableError
+from consumer.errors import ConsumerError, InvalidMessageError, PermanentError, RetryableError
+from consumer.jobrecord import JobRecord, State
 from consumer.models import CallbackPayload, ErrorInfo, JobMessage, Timings, Transcript
-from consumer.results import Lease, ResultStore, StoredResult
+from consumer.records import ClaimLostError, JobHandle, RecordStore, claim
 from consumer.transcribe import AudioPart, Transcriber, transcribe_parts
 from consumer.validate import parse_job
 
@@ -43,28 +49,32 @@ if TYPE_CHECKING:
     from consumer.settings import Settings
     from consumer.sqs import Message
 
+log = logging.getLogger("consumer.pipeline")
 HOST = socket.gethostname()
 CANCELLED = {"shutting_down": "the message was handed back at shutdown",
-             "job_in_progress": "the job's lease was taken over by another delivery"}
+             "job_in_progress": "the job's claim was taken over by another delivery",
+             "job_expired": "the job is older than MAX_JOB_AGE"}
 
 
 @dataclass
 class Attempt:
-    """One delivery of one message through the pipeline: what the worker logs and measures."""
+    """One delivery of one message through the pipeline: what the worker logs, measures and settles by."""
 
     message: Message
     started: float = field(default_factory=time.monotonic)
-    visible_until: float = 0.0  # wall-clock end of the message's invisibility; the lease expires with it
+    visible_until: float = 0.0  # wall-clock end of the message's invisibility; the claim expires with it
     job: JobMessage | None = None
-    lease: Lease | None = None
+    handle: JobHandle | None = None  # this delivery's hold on the job's record
     stage: str = "validate"
     durations: dict[str, float] = field(default_factory=dict)
     outcome: Literal["completed", "duplicate"] | None = None
     source: Literal["api", "cached"] | None = None
     audio_seconds: float = 0.0
     model: str | None = None
+    expired: bool = False  # older than MAX_JOB_AGE: nothing is retried any more
     # Why this attempt must start no further stage, set from another thread: "shutting_down" (the worker
-    # hands the message back at shutdown) or "job_in_progress" (another delivery took the lease over).
+    # hands the message back at shutdown), "job_in_progress" (another delivery took the claim over) or
+    # "job_expired" (renewals stopped at MAX_JOB_AGE).
     cancelled: str | None = None
     # Set when the callback is about to go out: past that point the attempt is finished, never cancelled
     # (WordPress may already have heard; a second instance would make it hear twice).
@@ -74,6 +84,10 @@ class Attempt:
     @property
     def job_id(self) -> str | None:
         return self.job.job_id if self.job else None
+
+    @property
+    def record(self) -> JobRecord | None:
+        return self.handle.record if self.handle else None
 
     def cancel(self, reason: str) -> bool:
         """Stop the attempt at its next stage; False when it is committed already (it will finish)."""
@@ -92,7 +106,7 @@ class Attempt:
 
     @property
     def owner(self) -> str:
-        """Who holds the lease: this process and this delivery of the message."""
+        """Who holds the claim: this process and this delivery of the message."""
         return f"{HOST}:{os.getpid()}:{self.message.message_id}:{self.message.receive_count}"
 
     def timings(self) -> Timings:
@@ -108,37 +122,41 @@ class Pipeline:
     """Runs one message through the stages; everything it needs is handed in."""
 
     def __init__(self, *, settings: Settings, s3: S3Client, transcriber: Transcriber, deliverer: Deliverer,
-                 results: ResultStore, gate: RateGate, workdir: Path) -> None:
+                 records: RecordStore, gate: RateGate, workdir: Path) -> None:
         self.settings = settings
         self.s3 = s3
         self.transcriber = transcriber
         self.deliverer = deliverer
-        self.results = results
+        self.records = records
         self.gate = gate
         self.workdir = workdir
 
-    def release_lease(self, attempt: Attempt) -> None:
-        """Give the job's lease up (best effort: an unreleased lease simply expires)."""
-        lease, attempt.lease = attempt.lease, None
-        if lease is not None:
-            with contextlib.suppress(ConsumerError):
-                self.results.release(lease)
+    # ------------------------------------------------------------------ the claim, for the worker layer
 
-    def renew_lease(self, attempt: Attempt, *, until: float) -> bool:
-        """Extend a running job's lease with its message's visibility (called by the heartbeat)."""
-        lease = attempt.lease
-        if lease is None:
+    def release_claim(self, attempt: Attempt) -> None:
+        """Give the claim up so the next delivery starts at once (best effort: an unreleased claim expires)."""
+        if attempt.handle is not None:
+            with contextlib.suppress(ConsumerError):
+                attempt.handle.release()
+
+    def renew_claim(self, attempt: Attempt, *, until: float) -> bool:
+        """Extend a running job's claim with its message's visibility (the housekeeper's heartbeat)."""
+        handle = attempt.handle
+        if handle is None or not handle.record.held_by(handle.owner):
             return True
-        try:
-            renewed = self.results.renew(lease, until=until)
-        except ConsumerError as exc:
-            if exc.code == "lease_taken" and attempt.lease is lease:
-                # Someone else runs the job now: storing or calling back from here would do it twice.
-                attempt.cancel("job_in_progress")
+        if time.time() - handle.record.first_seen > self.settings.max_job_age:
+            attempt.cancel("job_expired")  # no job lives forever: let the claim lapse, stop at the next stage
             return False
-        if attempt.lease is lease:  # not released by the worker while we renewed
-            attempt.lease = renewed
+        try:
+            handle.renew(until)
+        except ClaimLostError:
+            attempt.cancel("job_in_progress")  # someone else runs the job now: storing or calling back twice
+            return False
+        except ConsumerError:
+            return False
         return True
+
+    # ------------------------------------------------------------------ the stages
 
     @contextmanager
     def _stage(self, attempt: Attempt, name: str) -> Iterator[None]:
@@ -154,99 +172,152 @@ class Pipeline:
             attempt.durations[name] = attempt.durations.get(name, 0.0) + time.monotonic() - start
 
     def process(self, attempt: Attempt) -> None:
-        """Run every stage for one message; returns normally on success (incl. a duplicate)."""
+        """Run every stage the job's record says is left; returns normally on success (incl. a duplicate)."""
         with self._stage(attempt, "validate"):
             job = attempt.job = parse_job(attempt.message, self.settings)
         # Held until the message is settled (the worker releases it), failure callback included.
-        with self._stage(attempt, "lease"):
-            attempt.lease = self.results.acquire(job.job_id, attempt.owner, until=attempt.visible_until)
-        with self._stage(attempt, "fetch"):
-            stored = self._stored_result(job)
-        if stored and stored.delivered_at:
+        with self._stage(attempt, "claim"):
+            handle = attempt.handle = claim(self.records, job_id=job.job_id, s3_key=job.s3_key,
+                                            owner=attempt.owner, until=attempt.visible_until, now=time.time())
+            record = self._new_round(attempt, handle)
+        now = time.time()
+        state = record.state(now)
+        attempt.expired = now - record.first_seen > self.settings.max_job_age
+        if state is State.COMPLETED:
             attempt.outcome = "duplicate"
             return
-        if stored:
-            attempt.source = "cached"
+        if state in (State.FAILING, State.FAILED):  # told (or telling) WordPress `failed`: the worker finishes that
+            error = record.error or ErrorInfo(code="internal_error", message="failed", retryable=False)
+            raise PermanentError(error.message, code=error.code)
+        if state is State.COMPLETING:
+            if record.s3_key != job.s3_key:  # the job_id was reused for another recording: say nothing new
+                raise PermanentError(f"job_id {job.job_id} already completed for {record.s3_key}",
+                                     code="job_id_conflict")
+            if attempt.expired:
+                raise PermanentError("the completed callback was never acknowledged", code="callback_undelivered")
+            transcript, attempt.source, attempt.model = record.transcript, "cached", record.model
         else:
-            stored = self._transcribe(attempt, job)
-            attempt.source = "api"
-        attempt.model = stored.model
-        attempt.audio_seconds = stored.transcript.duration_seconds or 0.0
+            if attempt.expired:
+                raise PermanentError(f"the job is older than MAX_JOB_AGE ({self.settings.max_job_age:.0f} s)",
+                                     code="job_expired")
+            transcript, attempt.source, attempt.model = self._transcribe(attempt, job, handle), "api", None
+        attempt.audio_seconds = (transcript.duration_seconds or 0.0) if transcript else 0.0
         with self._stage(attempt, "callback"):
-            self.deliverer.post(self._payload(attempt, job, transcript=stored.transcript))
+            self.deliverer.post(self._payload(attempt, job, transcript=transcript))
         attempt.outcome = "completed"
-        # WordPress has the transcript: from here on nothing may turn the job into a failure. If the
-        # mark is lost, a duplicate delivery only re-sends the same callback (Idempotency-Key).
-        with contextlib.suppress(ConsumerError):
-            self.results.mark_delivered(stored)
 
-    def _stored_result(self, job: JobMessage) -> StoredResult | None:
-        """The stored result of this job, if it was made from the recording as it is now."""
-        stored = self.results.get(job.job_id)
-        if stored is None or stored.s3_key != job.s3_key:
-            return None
-        if stored.delivered_at:  # WordPress has it: a duplicate, whatever has become of the recording since
-            return stored
-        obj = fetch.head(self.s3, job.s3_bucket or self.settings.s3_bucket or "", job.s3_key)
-        return stored if stored.audio_etag == obj.etag else None
+    def _new_round(self, attempt: Attempt, handle: JobHandle) -> JobRecord:
+        """An operator's redrive (a `redrive_id` the record has not seen) tries a failed job again."""
+        redrive_id = attempt.message.attributes.get("redrive_id")
+        if redrive_id and redrive_id not in handle.record.redrives:
+            return handle.save(lambda r: r.redriven(redrive_id))
+        return handle.record
 
-    def _transcribe(self, attempt: Attempt, job: JobMessage) -> StoredResult:
+    def _transcribe(self, attempt: Attempt, job: JobMessage, handle: JobHandle) -> Transcript:
         jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
         bucket = job.s3_bucket or self.settings.s3_bucket or ""
+        limit = self.settings.max_audio_seconds
         try:
             with self._stage(attempt, "download"):
                 obj = fetch.download(self.s3, bucket, job.s3_key, jobdir / "original",
                                      max_bytes=self.settings.max_audio_bytes)
                 path = jobdir / "original"
             with self._stage(attempt, "prepare"):
-                info = audio.probe(path, max_seconds=self.settings.max_audio_seconds)
-                audio.check_limits(info, max_bytes=self.settings.max_audio_bytes,
-                                   max_seconds=self.settings.max_audio_seconds)
-                speech = audio.has_speech(path, info, max_seconds=self.settings.max_audio_seconds)
+                info = audio.probe(path, max_seconds=limit)
+                audio.check_limits(info, max_bytes=self.settings.max_audio_bytes, max_seconds=limit)
+                speech = audio.has_speech(path, info, max_seconds=limit)
                 parts = audio.prepare(path, info, self.transcriber.limits, jobdir,
-                                      max_total_seconds=self.settings.max_audio_seconds) if speech else []
+                                      max_total_seconds=limit) if speech else []
             with self._stage(attempt, "transcribe"):
                 if not speech:
                     transcript = Transcript(text="", duration_seconds=info.duration, no_speech=True)
                 else:
                     self.gate.wait()
-                    transcript = self._call_transcriber(job, parts)
+                    transcript = self._call_transcriber(job, parts, handle, audio_etag=obj.etag)
         finally:
             shutil.rmtree(jobdir, ignore_errors=True)
         with self._stage(attempt, "store"):
-            stored = StoredResult(job_id=job.job_id, s3_key=job.s3_key, audio_etag=obj.etag,
-                                  model=self.transcriber.model, transcript=transcript, created_at=time.time())
-            self.results.put(stored)
-        return stored
+            handle.save(lambda r: r.completing(transcript, model=self.transcriber.model, audio_etag=obj.etag))
+        return transcript
 
-    def _call_transcriber(self, job: JobMessage, parts: list[AudioPart]) -> Transcript:
+    def _call_transcriber(self, job: JobMessage, parts: list[AudioPart], handle: JobHandle, *,
+                          audio_etag: str) -> Transcript:
+        """Transcribe the parts not yet paid for, storing each as it arrives (one part: nothing to store)."""
+        # The cut is deterministic for one recording, model and limits: the plan names it.
+        plan = "|".join([audio_etag, self.transcriber.model, *(f"{p.offset:.3f}+{p.duration}" for p in parts)])
+        record = handle.record
+        known = {int(i): t for i, t in record.parts.items()} if record.plan == plan else {}
+
+        def keep(index: int, transcript: Transcript) -> None:
+            handle.save(lambda r: r.with_part(plan, audio_etag, index, transcript))
+
         try:
             return transcribe_parts(self.transcriber, parts, language=job.language, prompt=job.prompt,
-                                    parallelism=self.settings.transcribe_parallelism)
+                                    parallelism=self.settings.transcribe_parallelism, known=known,
+                                    on_part=keep if len(parts) > 1 else None)
         except RetryableError as exc:
             if exc.code == "rate_limited":
                 self.gate.pause(exc.delay)
+            elif exc.code == "quota_exceeded":  # someone has to pay before a retry helps: pause the longest
+                pause = self.settings.retry_max_delay
+                log.error("openai_quota_exhausted", extra={"job_id": job.job_id, "pause_s": pause,
+                                                           "error": exc.message})
+                self.gate.pause(pause)
             raise
 
     def _payload(self, attempt: Attempt, job: JobMessage, *, transcript: Transcript | None = None,
-                 error: ConsumerError | None = None) -> CallbackPayload:
+                 error: ErrorInfo | None = None) -> CallbackPayload:
         token = self.settings.wp_server_token
         return CallbackPayload(
             server_token=token.get_secret_value() if token else "",
             job_id=job.job_id, s3_key=job.s3_key,
             status="failed" if error else "completed",
             transcript=transcript, model=attempt.model or self.transcriber.model,
-            error=ErrorInfo(code=error.code, message=error.message, retryable=error.retryable) if error else None,
-            metadata=job.metadata, attempt=attempt.message.receive_count, timings=attempt.timings(),
+            error=error, metadata=job.metadata, attempt=attempt.message.receive_count, timings=attempt.timings(),
         )
 
+    # ------------------------------------------------------------------ terminal transitions
+
     def report_failure(self, attempt: Attempt, error: ConsumerError) -> bool:
-        """Send the terminal `failed` callback; False when there is no job to report on."""
+        """Send the terminal `failed` callback if the record allows it; False when nothing was sent.
+
+        Never after `completed` was attempted, and never again once WordPress acknowledged a `failed`."""
         job = attempt.job
         if job is None and isinstance(error, InvalidMessageError) and error.job_id:
             job = JobMessage.model_construct(job_id=error.job_id, s3_key=error.s3_key or "", metadata=error.metadata)
+            found = self.records.read(error.job_id)
+            if found and found[0] is not None and found[0].outcome == "completed":
+                return False  # a bad copy of a job WordPress has the transcript of
         if job is None:
             return False
+        info = ErrorInfo(code=error.code, message=error.message, retryable=error.retryable)
+        handle = attempt.handle
+        if handle is not None:
+            record = handle.record
+            if record.outcome == "completed" or record.state(time.time()) is State.FAILED:
+                return False
+            if record.outcome != "failed":
+                record = handle.save(lambda r: r.failing(info))  # attempted: written before it goes out
+            info = record.error or info
         with self._stage(attempt, "callback"):
-            self.deliverer.post(self._payload(attempt, job, error=error))
+            self.deliverer.post(self._payload(attempt, job, error=info))
+        if handle is not None:
+            with contextlib.suppress(ConsumerError):
+                handle.save(lambda r: r.acknowledged(time.time()))
         return True
+
+    def acknowledge(self, attempt: Attempt) -> None:
+        """WordPress answered 2xx to `completed`: record it and give the claim up (off the critical path)."""
+        if attempt.handle is not None and attempt.outcome == "completed":
+            with contextlib.suppress(ConsumerError):
+                attempt.handle.save(lambda r: r.acknowledged(time.time()).released())
+
+    def already_dead_lettered(self, attempt: Attempt) -> bool:
+        record = attempt.record
+        return record is not None and record.dead_lettered_at is not None
+
+    def mark_dead_lettered(self, attempt: Attempt) -> None:
+        """The DLQ has its copy: a returning copy of this delivery is only deleted."""
+        if attempt.handle is not None:
+            with contextlib.suppress(ConsumerError):
+                attempt.handle.save(lambda r: r.dead_lettered(time.time()))

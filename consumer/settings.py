@@ -94,7 +94,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Other buckets a job may name (comma-separated)."
     )
     s3_key_prefix: str | None = Field(None, description="When set, every s3_key must start with it.")
-    results_prefix: str = Field("transcripts/", description="Where transcripts are stored for idempotency.")
+    results_prefix: str = Field("transcripts/", description="Where job records (<job_id>.job.json) are kept.")
+    max_job_age: float = Field(
+        SQS_MAX_VISIBILITY, gt=0, description="Seconds from a job's first claim after which it fails as job_expired."
+    )
     max_audio_bytes: int = Field(1024**3, gt=0, description="Largest recording accepted, bytes.")
     max_audio_seconds: float = Field(4 * 3600, gt=0, description="Longest recording accepted, seconds.")
     temp_dir: Path | None = Field(None, description="Parent of the private work directory.")

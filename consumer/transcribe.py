@@ -7,7 +7,7 @@ The backends live beside it: `transcribe_openai.py` (the OpenAI API or a compati
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,31 +86,43 @@ def transcribe_parts(
     language: str | None,
     prompt: str | None,
     parallelism: int,
+    known: Mapping[int, Transcript] | None = None,
+    on_part: Callable[[int, Transcript], None] | None = None,
 ) -> Transcript:
-    """Transcribe every part (bounded parallelism) and stitch them in order.
+    """Transcribe every part not `known` yet (bounded parallelism) and stitch them all in order.
 
-    With parallelism 1 and a model that takes prompts, each chunk is prompted with the end of the
-    previous chunk's text; in parallel the chunks cannot wait for each other, so only the job's prompt
-    is sent.
+    `on_part(index, transcript)` runs as each part arrives, in the thread that got it, so a part already
+    paid for is kept (the job's record) even when another part fails. With parallelism 1 and a model that
+    takes prompts, each part is prompted with the end of the previous part's text; in parallel the parts
+    cannot wait for each other, so only the job's prompt is sent.
     """
-    if len(parts) == 1:
-        return transcriber.transcribe(parts[0], language=language, prompt=prompt)
-    if parallelism <= 1 or not transcriber.supports_prompt:
-        results: list[Transcript] = []
-        for part in parts:
+    results: dict[int, Transcript] = dict(known or {})
+
+    def one(index: int, chained: str | None) -> Transcript:
+        transcript = transcriber.transcribe(parts[index], language=language, prompt=chained)
+        if on_part is not None:
+            on_part(index, transcript)
+        return transcript
+
+    todo = [i for i in range(len(parts)) if i not in results]
+    if parallelism <= 1 or len(todo) <= 1 or not transcriber.supports_prompt:
+        for i in todo:
             chained = prompt
-            if results and transcriber.supports_prompt:
-                chained = results[-1].text[-PROMPT_TAIL_CHARS:] or prompt
-            results.append(transcriber.transcribe(part, language=language, prompt=chained))
+            if i - 1 in results and transcriber.supports_prompt:
+                chained = results[i - 1].text[-PROMPT_TAIL_CHARS:] or prompt
+            results[i] = one(i, chained)
     else:
-        ex = ThreadPoolExecutor(max_workers=min(parallelism, len(parts)), thread_name_prefix="chunk")
+        ex = ThreadPoolExecutor(max_workers=min(parallelism, len(todo)), thread_name_prefix="chunk")
         try:
-            futures = [ex.submit(transcriber.transcribe, p, language=language, prompt=prompt) for p in parts]
-            results = [f.result() for f in futures]
+            futures = {i: ex.submit(one, i, prompt) for i in todo}
+            results.update((i, f.result()) for i, f in futures.items())
         finally:
-            # One failed chunk fails the attempt: chunks not yet sent are not sent (nor paid for).
+            # One failed part fails the attempt: parts not yet sent are not sent (nor paid for); those on
+            # the wire finish and are kept by on_part.
             ex.shutdown(wait=True, cancel_futures=True)
-    return stitch(parts, results)
+    if len(parts) == 1:
+        return results[0]
+    return stitch(parts, [results[i] for i in range(len(parts))])
 
 
 def stitch(parts: Sequence[AudioPart], results: Sequence[Transcript]) -> Transcript:

@@ -3,7 +3,7 @@
 Threads of one process:
     poller       receives only as many messages as there are idle workers, hands them over
     workers (N)  run `Pipeline.process`, then `settle` (the one place deciding delete/retry/dead-letter)
-    housekeeper  heartbeats (visibility extensions), lease renewals, queue-depth gauges, the systemd
+    housekeeper  heartbeats (visibility extensions), claim renewals, queue-depth gauges, the systemd
                  watchdog (housekeeping.py)
 
 Shutdown is two-phase, sized to systemd's TimeoutStopSec: stop receiving at once, give in-flight jobs
@@ -34,9 +34,12 @@ from consumer.settings import SQS_MAX_VISIBILITY, Settings
 from consumer.sqs import DeleteBatcher, Message, SqsQueue
 
 log = logging.getLogger("consumer.worker")
-# Not failures of the job itself: another delivery holds its lease, or this daemon is stopping. They wait
-# (and on a last permitted receive they are re-sent fresh) but never fail the job.
-DEFERRALS = frozenset({"job_in_progress", "shutting_down"})
+# Not failures of the job itself, so they never spend its receive budget (on a last permitted receive the
+# message is re-sent fresh) and never fail it; MAX_JOB_AGE bounds them. Another delivery holds its claim;
+# this daemon is stopping; OpenAI throttles or the account is out of credit; the deployment is misconfigured
+# (a key, a model, a URL, WordPress' route): alerted on, and nothing is lost while someone fixes it.
+DEFERRALS = frozenset({"job_in_progress", "shutting_down", "rate_limited", "quota_exceeded",
+                       "transcription_misconfigured", "callback_misconfigured"})
 MAX_SEND_DELAY = 900  # SQS DelaySeconds cap
 RECEIVE_ERROR_BACKOFF = (1.0, 30.0)  # first and longest pause after a failed ReceiveMessage
 REJECTED_BODY_CHARS = 200  # enough to recognise a bad message in the log, not enough to flood it
@@ -60,6 +63,13 @@ class InFlight:
     @property
     def message(self) -> Message:
         return self.attempt.message
+
+
+def carried(message: Message, attempt: Attempt) -> dict[str, str]:
+    """The attributes a copy of the message takes along: its own, and the job_id, so a legacy
+    `{"s3_key"}` job keeps the id it got from its first MessageId across requeues and redrives."""
+    job_id = attempt.job_id or message.attributes.get("job_id") or message.message_id
+    return {**message.attributes, "job_id": job_id}
 
 
 class Worker:
@@ -183,9 +193,9 @@ class Worker:
             self._await_heartbeats(pending)
 
         def hand_back(f: InFlight) -> None:
-            # The lease too, or the instance that takes the message over would only meet it and wait.
-            self.pipeline.release_lease(f.attempt)
-            self._give_back(f.message)
+            # The claim too, or the instance that takes the message over would only meet it and wait.
+            self.pipeline.release_claim(f.attempt)
+            self._give_back(f.message, f.attempt)
             log.info("job_released", extra={"message_id": f.message.message_id})
 
         # In parallel: one slow S3 or SQS call must not hold back the other hand-backs.
@@ -245,7 +255,7 @@ class Worker:
             if not stopping:
                 self.inflight[message.receipt_handle] = InFlight(attempt, received=now, extended=now)
         if stopping:  # received during shutdown: give it straight back
-            self._give_back(message)
+            self._give_back(message, attempt)
             return
         self.metrics.in_progress.inc()
         log.info("message_received", extra={"message_id": message.message_id,
@@ -271,7 +281,7 @@ class Worker:
                 log.exception("settle_failed", extra=self.log_fields(attempt))
             finally:
                 # Only now: a failure callback is part of the job, and a copy must not run beside it.
-                self.pipeline.release_lease(attempt)
+                self.pipeline.release_claim(attempt)
                 with self.cond:
                     self.inflight.pop(message.receipt_handle, None)
                     self.cond.notify_all()
@@ -300,6 +310,7 @@ class Worker:
         if error is None:
             self._hush(message)
             self.deleter.delete(message)
+            self.pipeline.acknowledge(attempt)  # after the delete: off the critical path
             outcome = attempt.outcome or "completed"
             if outcome == "completed":
                 self.metrics.transcriptions.labels(attempt.source or "api").inc()
@@ -308,7 +319,7 @@ class Worker:
             self._outcome(attempt, outcome)
             return
         self.metrics.errors.labels(attempt.stage, error.code).inc()
-        if isinstance(error, RetryableError) and (error.code in DEFERRALS or not self._last_attempt(message)):
+        if isinstance(error, RetryableError) and self._may_retry(attempt, error):
             self._retry(attempt, error)
             return
         self._fail(attempt, error)
@@ -316,13 +327,23 @@ class Worker:
     def _last_attempt(self, message: Message) -> bool:
         return self.max_receive_count is not None and message.receive_count >= self.max_receive_count
 
+    def _may_retry(self, attempt: Attempt, error: RetryableError) -> bool:
+        """A deferral always waits (until the job grows too old); anything else while receives are left."""
+        if attempt.expired:
+            return error.code in ("job_in_progress", "shutting_down")  # another delivery will finish it
+        return error.code in DEFERRALS or not self._last_attempt(attempt.message)
+
     def backoff(self, receive_count: int, error: RetryableError) -> int:
-        """Seconds until the next attempt: Retry-After when given, else capped exponential with jitter."""
-        if error.delay is not None:
-            return int(min(SQS_MAX_VISIBILITY, max(0.0, error.delay)))
+        """Seconds until the next attempt: capped exponential with jitter, or Retry-After when that is
+        longer (never shorter: a short Retry-After must not spend the receives in seconds)."""
         s = self.settings
         ceiling = min(s.retry_max_delay, s.retry_base_delay * 2 ** max(0, receive_count - 1))
-        return int(ceiling / 2 + self.rng() * ceiling / 2)  # "equal jitter": spread, but never near zero
+        backoff = ceiling / 2 + self.rng() * ceiling / 2  # "equal jitter": spread, but never near zero
+        if error.code in ("job_in_progress", "shutting_down") and error.delay is not None:
+            backoff = error.delay  # not a failure: come back when the other delivery's claim ends
+        elif error.delay is not None:
+            backoff = max(backoff, error.delay)
+        return int(min(SQS_MAX_VISIBILITY, max(0.0, backoff)))
 
     def _hush(self, message: Message) -> None:
         """No more heartbeats for this message, and none still on the wire: one landing after our
@@ -337,43 +358,50 @@ class Worker:
         self._hush(attempt.message)
         delay = self.backoff(attempt.message.receive_count, error)
         if self._last_attempt(attempt.message):  # only deferrals get here: keep the job alive, fresh
-            self._requeue(attempt.message, delay)
+            self._requeue(attempt.message, attempt, delay)
         else:
             # SQS caps a message's invisibility at 12 h from its receipt, not from now.
             left = SQS_MAX_VISIBILITY - int(time.monotonic() - attempt.started) - 1
             self.queue.change_visibility(attempt.message, max(0, min(delay, left)))
         self._outcome(attempt, "retried", error=error, retry_in_s=delay)
 
-    def _requeue(self, message: Message, delay: int = 0) -> None:
+    def _requeue(self, message: Message, attempt: Attempt, delay: int = 0) -> None:
         """Send the message again (receive count starts over) and delete this copy.
 
         Used where the job has not failed but its receive count is spent: handing it back would let the
         redrive policy dead-letter it without a word to WordPress.
         """
-        self.queue.send(message.body, message.attributes, delay_seconds=min(MAX_SEND_DELAY, delay))
+        self.queue.send(message.body, carried(message, attempt), delay_seconds=min(MAX_SEND_DELAY, delay))
         self.deleter.delete(message)
 
-    def _give_back(self, message: Message) -> None:
+    def _give_back(self, message: Message, attempt: Attempt) -> None:
         """Make a message another instance can take at once (shutdown)."""
         try:
             if self._last_attempt(message):
-                self._requeue(message)
+                self._requeue(message, attempt)
             else:
                 self.queue.change_visibility(message, 0)
         except ConsumerError as exc:  # it reappears after its visibility timeout instead
             log.warning("release_failed", extra={"message_id": message.message_id, "error": str(exc)})
 
     def _fail(self, attempt: Attempt, error: ConsumerError) -> None:
+        record = attempt.record
+        if record is not None and record.outcome == "completed" and isinstance(error, RetryableError):
+            # WordPress may have the transcript: never a `failed` now. Redriven, it gets `completed` again.
+            error = RetryableError(f"the completed callback was not acknowledged: {error.message}",
+                                   code="callback_undelivered")
         reported = False
-        if error.code not in ("bad_signature", "callback_rejected"):
+        if error.code not in ("bad_signature", "callback_rejected", "callback_undelivered"):
             try:
                 reported = self.pipeline.report_failure(attempt, error)
             except RetryableError as cb_error:
                 # Keep the job until WordPress can be told; a deferral (the job runs elsewhere now, or
                 # this daemon is stopping) is never a reason to give up on telling it.
-                if cb_error.code in DEFERRALS or not self._last_attempt(attempt.message):
+                if self._may_retry(attempt, cb_error):
                     self._retry(attempt, cb_error)
                     return
+                error = RetryableError(f"{error.message} (WordPress was not told: {cb_error.message})",
+                                       code="callback_undelivered")
             except PermanentError as cb_error:
                 log.error("failure_callback_rejected", extra=self.log_fields(attempt, error=str(cb_error)))
             except Exception:  # the message must still reach the DLQ with its reason
@@ -384,17 +412,20 @@ class Worker:
             more["body"] = attempt.message.body[:REJECTED_BODY_CHARS]
             more["job_hint"] = error.job_id
         self._hush(attempt.message)
-        self._dead_letter(attempt.message, error)
+        self._dead_letter(attempt, error)
         self._outcome(attempt, "failed" if reported else "dead_lettered", error=error, **more)
 
-    def _dead_letter(self, message: Message, error: ConsumerError) -> None:
-        """Copy the message to the DLQ with why it failed, then delete it from the source."""
-        extra = {"error_code": error.code, "error_message": error.message[:1000],
-                 "failed_at": str(int(time.time())), "source_message_id": message.message_id,
-                 "receive_count": str(message.receive_count)}
-        keep = {k: v for k, v in message.attributes.items() if k not in extra}
-        attributes = dict(list(keep.items())[: 10 - len(extra)]) | extra  # SQS allows ten attributes
-        self.dlq.send(message.body, attributes)
+    def _dead_letter(self, attempt: Attempt, error: ConsumerError) -> None:
+        """Copy the message to the DLQ with why it failed (once per delivery), then delete it from the source."""
+        message = attempt.message
+        if not self.pipeline.already_dead_lettered(attempt):  # a copy came back after the delete failed
+            extra = {"error_code": error.code, "error_message": error.message[:1000],
+                     "failed_at": str(int(time.time())), "source_message_id": message.message_id,
+                     "receive_count": str(message.receive_count)}
+            keep = {k: v for k, v in carried(message, attempt).items() if k not in extra}
+            attributes = dict(list(keep.items())[: 10 - len(extra)]) | extra  # SQS allows ten attributes
+            self.dlq.send(message.body, attributes)
+            self.pipeline.mark_dead_lettered(attempt)
         self.deleter.delete(message)
 
     def _outcome(self, attempt: Attempt, outcome: str, *, error: ConsumerError | None = None, **more: Any) -> None:

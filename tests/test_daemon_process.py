@@ -45,7 +45,7 @@ def test_twenty_signed_jobs_end_to_end(spawn_daemon, aws, openai_stub, wordpress
     assert all("authorization" not in c.headers for c in wordpress.received)
     wait_for(lambda: aws.counts() == (0, 0), timeout=30, what="empty queue")
 
-    def settled():  # the queue empties first; each slot frees once its job's lease is released too
+    def settled():  # the queue empties first; each slot frees once its job's claim is released too
         status, text = scrape(daemon.metrics_port, "/metrics")
         assert status == 200
         return metric(text, 'sidecar_jobs_in_progress') == 0 and text

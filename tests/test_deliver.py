@@ -39,8 +39,11 @@ def test_token_header_can_be_turned_off(wordpress):
 @pytest.mark.parametrize(("status", "kind", "code"), [
     (500, RetryableError, "callback_unavailable"), (503, RetryableError, "callback_unavailable"),
     (429, RetryableError, "callback_unavailable"), (408, RetryableError, "callback_unavailable"),
-    (400, PermanentError, "callback_rejected"), (401, PermanentError, "callback_rejected"),
-    (404, PermanentError, "callback_rejected"), (302, PermanentError, "callback_rejected"),
+    (400, PermanentError, "callback_rejected"), (422, PermanentError, "callback_rejected"),
+    (302, PermanentError, "callback_rejected"),
+    # The endpoint, not the job: a wrong token, route or a disabled plugin is the deployment's to fix.
+    (401, RetryableError, "callback_misconfigured"), (403, RetryableError, "callback_misconfigured"),
+    (404, RetryableError, "callback_misconfigured"),
 ])
 def test_statuses(wordpress, status, kind, code):
     wordpress.statuses.append(status)

@@ -208,9 +208,9 @@ def test_rate_limit_pauses_every_worker(run_daemon, aws, openai_stub, wordpress)
     assert rd.daemon.metrics.errors.labels("transcribe", "rate_limited")._value.get() == 1
 
 
-def test_copy_delivered_elsewhere_while_running_waits_for_the_lease(run_daemon, aws, openai_stub, wordpress):
+def test_copy_delivered_elsewhere_while_running_waits_for_the_claim(run_daemon, aws, openai_stub, wordpress):
     """A message whose visibility is lost mid-job (as when an extension fails) reaches another daemon;
-    the job's lease makes that daemon wait instead of transcribing a second time."""
+    the job's claim makes that daemon wait instead of transcribing a second time."""
     upload(aws, "audio/lease.wav")
     openai_stub.latency = 4
     send_job(aws, "job-lease", "audio/lease.wav")
@@ -220,8 +220,8 @@ def test_copy_delivered_elsewhere_while_running_waits_for_the_lease(run_daemon, 
     aws.sqs.change_message_visibility(QueueUrl=aws.queue_url, ReceiptHandle=entry.message.receipt_handle,
                                       VisibilityTimeout=0)  # the visibility is lost
     b = run_daemon(concurrency=1, retry_base_delay=1, retry_max_delay=2)
-    wait_for(lambda: b.daemon.metrics.errors.labels("lease", "job_in_progress")._value.get() >= 1, timeout=30,
-             what="the second daemon meets the lease")
+    wait_for(lambda: b.daemon.metrics.errors.labels("claim", "job_in_progress")._value.get() >= 1, timeout=30,
+             what="the second daemon meets the claim")
     wait_for(lambda: wordpress.terminal("job-lease"), timeout=60, what="callback")
     wait_for(lambda: aws.counts() == (0, 0), timeout=60, what="queue empty")
     assert openai_stub.count() == 1
@@ -241,7 +241,7 @@ def test_same_job_twice_on_two_daemons(run_daemon, aws, openai_stub, wordpress):
 
 def test_a_waiting_copy_on_its_last_receive_is_resent_not_dead_lettered(moto_server, run_daemon, openai_stub,
                                                                         wordpress):
-    """With maxReceiveCount 1, the copy that meets the lease has no receive left: it is sent again fresh
+    """With maxReceiveCount 1, the copy that meets the claim has no receive left: it is sent again fresh
     (and later recognised as a duplicate) instead of being failed or dead-lettered."""
     aws = AwsStack.create(moto_server, max_receives=1)
     upload(aws, "audio/last.wav")
@@ -310,20 +310,24 @@ def test_heartbeats_go_on_while_a_failure_callback_is_slow(run_daemon, aws, word
     assert wordpress.held == 1 and [b["status"] for b in wordpress.terminal("job-slowcb")] == ["failed"]
 
 
-def test_the_lease_is_held_until_the_failure_callback_is_done(run_daemon, aws, wordpress):
-    """The failure callback is part of the job: a copy delivered meanwhile must meet the lease and wait,
+def test_the_claim_is_held_until_the_failure_callback_is_done(run_daemon, aws, wordpress):
+    """The failure callback is part of the job: a copy delivered meanwhile must meet the claim and wait,
     not run the job beside it (and call WordPress back a second time)."""
     wordpress.hold = True
     run_daemon(callback_timeout=60)
     send_job(aws, "job-held", "audio/does-not-exist.wav")
     wait_for(lambda: wordpress.held == 1, timeout=30, what="the failure callback on the wire")
-    key = "transcripts/job-held.lease"
-    lease = json.loads(aws.s3.get_object(Bucket=aws.bucket, Key=key)["Body"].read())
-    assert lease["job_id"] == "job-held"
+    key = "transcripts/job-held.job.json"
+
+    def record():
+        return json.loads(aws.s3.get_object(Bucket=aws.bucket, Key=key)["Body"].read())
+
+    held = record()
+    assert held["job_id"] == "job-held" and held["claim"] and held["outcome"] == "failed"
     wordpress.release.set()
     wait_for(lambda: aws.dlq_messages(), timeout=30, what="dead letter")
-    wait_for(lambda: "Contents" not in aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix=key), timeout=30,
-             what="the lease released once settled")
+    wait_for(lambda: "claim" not in record(), timeout=30, what="the claim released once settled")
+    assert record()["acknowledged_at"] and record()["dead_lettered_at"]
 
 
 def _long_wav(path, seconds: int, rate: int = 8000) -> None:
@@ -373,25 +377,28 @@ def test_a_job_released_at_shutdown_stores_nothing_and_never_calls_back(run_daem
     assert "Contents" not in aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix="transcripts/job-rel.json")
 
 
-def test_a_job_whose_lease_is_taken_over_stops_before_storing(run_daemon, aws, openai_stub, wordpress):
-    """When a renewal finds the lease in other hands, the job runs elsewhere now: this delivery stores
-    nothing, calls nobody back, and waits like any copy that meets a held lease."""
+def test_a_job_whose_claim_is_taken_over_stops_before_storing(run_daemon, aws, openai_stub, wordpress):
+    """When a renewal finds the claim in other hands, the job runs elsewhere now: this delivery stores
+    nothing, calls nobody back, and waits like any copy that meets a held claim."""
+    from consumer.records import RecordStore
+
     upload(aws, "audio/taken.wav")
     openai_stub.latency = 60
     send_job(aws, "job-taken", "audio/taken.wav")
     rd = run_daemon(visibility_timeout=30, heartbeat_interval=1, retry_base_delay=30, retry_max_delay=30)
     wait_for(lambda: openai_stub.count() == 1, timeout=30, what="transcription started")
     [entry] = list(rd.worker.inflight.values())
-    other = {"job_id": "job-taken", "owner": "elsewhere", "expires_at": time.time() + 600}
-    aws.s3.put_object(Bucket=aws.bucket, Key="transcripts/job-taken.lease", Body=json.dumps(other).encode())
+    store = RecordStore(aws.s3, aws.bucket, "transcripts/")
+    mine, etag = store.read("job-taken")
+    store.replace(mine.claimed("elsewhere", time.time() + 600), etag)
     wait_for(lambda: entry.attempt.cancelled == "job_in_progress", timeout=30, what="the renewal finds it taken")
     openai_stub.release.set()
     wait_for(lambda: rd.daemon.metrics.jobs.labels("retried")._value.get() == 1, timeout=30, what="deferred")
     assert rd.daemon.metrics.errors.labels("store", "job_in_progress")._value.get() == 1
     assert wordpress.received == []
-    assert "Contents" not in aws.s3.list_objects_v2(Bucket=aws.bucket, Prefix="transcripts/job-taken.json")
-    lease = json.loads(aws.s3.get_object(Bucket=aws.bucket, Key="transcripts/job-taken.lease")["Body"].read())
-    assert lease["owner"] == "elsewhere"  # not released from under its holder
+    record = store.read("job-taken")[0]
+    assert record.transcript is None and record.outcome is None
+    assert record.claim.owner == "elsewhere"  # not released from under its holder
 
 
 def test_the_last_long_poll_at_shutdown_hands_its_messages_back(run_daemon, aws, openai_stub, wordpress):

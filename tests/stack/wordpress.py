@@ -28,11 +28,14 @@ class WordPressStub:
     """Answers 200 unless `statuses` holds canned answers (served first, in order).
 
     With `hold` set, every callback waits (counted in `held`) until `release` is set: a callback on the wire.
+    `delays` holds seconds to wait *after* a callback is taken in, before answering (served first, in
+    order): WordPress that stored the transcript but answers after the daemon's timeout.
     """
 
     def __init__(self) -> None:
         self.received: list[Callback] = []
         self.statuses: deque[int] = deque()
+        self.delays: deque[float] = deque()
         self.lock = threading.Lock()
         self.hold = False
         self.held = 0
@@ -50,8 +53,11 @@ class WordPressStub:
                     stub.release.wait(60)
                 with stub.lock:
                     status = stub.statuses.popleft() if stub.statuses else 200
+                    delay = stub.delays.popleft() if stub.delays else 0.0
                     stub.received.append(Callback(self.path, {k.lower(): v for k, v in self.headers.items()},
                                                   raw, status))
+                if delay:
+                    stub.release.wait(delay)
                 reply = b'{"ok":true}' if status == 200 else b'{"ok":false}'
                 self.send_response(status)
                 if 300 <= status < 400:
