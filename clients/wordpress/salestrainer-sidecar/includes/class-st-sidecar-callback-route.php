@@ -137,6 +137,12 @@ final class ST_Sidecar_Callback_Route {
 			return $outcome;
 		}
 		if ( ST_Sidecar_Job_Store::STORED === $outcome ) {
+			if ( ! isset( $payload['metadata'] ) ) {
+				// A callback without metadata (an older sidecar's failure for a job it could not read):
+				// listeners still get what was enqueued, e.g. the post_id that finds their record.
+				$job                 = ST_Sidecar_Job_Store::get( $job_id );
+				$payload['metadata'] = $job ? $job['metadata'] : null;
+			}
 			self::fire( $action, $job_id, $detail, $payload );
 		}
 		return new WP_REST_Response(
