@@ -225,11 +225,13 @@ def parser() -> argparse.ArgumentParser:
     dev.set_defaults(fn=cmd_dev, drain=False)
 
     check = sub.add_parser("check", help="validate the configuration and reach every dependency",
-                           description="Validates the configuration, then reaches the S3 bucket (HeadBucket), the "
-                           "queue (depth and RedrivePolicy), the transcriber (OpenAI: lists models; local: loads "
-                           "the model) and the WordPress callback host (TCP connect, nothing is posted). One line "
-                           "per check with a pass/fail mark; exit 1 if any failed, 2 on a configuration error. "
-                           "Secrets are never printed.")
+                           description="Prints every configuration problem at once, one [FAIL] line each, then "
+                           "reaches the S3 bucket (HeadBucket), the queue (depth and RedrivePolicy), the "
+                           "transcriber (OpenAI: is TRANSCRIBE_MODEL in the endpoint's model list, when it keeps "
+                           "one; local: loads the model) and the WordPress callback host (TCP connect, nothing is "
+                           "posted). A check whose variables are unset or wrong is skipped with the reason. One "
+                           "line per check with a mark; exit 2 on a configuration error, else 1 if any check "
+                           "failed. Secrets are never printed.")
     check.add_argument("--probe", action="store_true",
                        help="also transcribe a one-second speech clip shipped with the package, with exactly the "
                        "request a job would send, and print the endpoint's own error if it refuses (costs a "

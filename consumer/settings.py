@@ -146,7 +146,9 @@ class Settings(BaseSettings):
 
     # --- observability
     metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /health.")
-    metrics_port: int = Field(9002, ge=0, le=65535, description="Port of /metrics and /health (0: any).")
+    metrics_port: int = Field(
+        9002, ge=0, le=65535, description="Port of /metrics and /health (0: any; `sidecar dev` defaults to 9102)."
+    )
     health_stall_seconds: float = Field(90, gt=0, description="Poll-loop silence after which /health is 503.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Log threshold.")
     log_format: Literal["json", "text"] = Field("json", description="json (one object a line) or text.")

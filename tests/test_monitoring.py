@@ -217,3 +217,13 @@ def test_alerts_are_documented_in_the_runbook_table() -> None:
     rules = yaml.safe_load(ALERTS.read_text())
     for rule in (r for group in rules["groups"] for r in group["rules"]):
         assert f"| `{rule['alert']}` |" in runbook, f"{rule['alert']} is missing from the table in docs/operations.md"
+
+
+def test_dashboard_shows_the_release_that_runs() -> None:
+    """The deployed tag (sidecar_build_info's release label), with the package version beside it."""
+    panels = [p for p in _dashboard()["panels"] if any("sidecar_build_info" in t.get("expr", "")
+                                                       for t in p.get("targets", []))]
+    [panel] = panels
+    assert panel["type"] == "stat" and panel["options"]["textMode"] == "name"  # the legend is the text shown
+    [target] = panel["targets"]
+    assert "{{release}}" in target["legendFormat"] and "{{version}}" in target["legendFormat"]
