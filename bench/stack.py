@@ -34,7 +34,7 @@ import boto3
 import numpy as np
 
 from consumer.signing import sign
-from tests.stack import wait_for, wait_healthy
+from tests.stack import stop_process, wait_for, wait_healthy
 from tests.stack.aws import REGION, AwsStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,12 +84,7 @@ class MotoProcess:
         return self.proc.pid
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)
         self._log.close()
 
 

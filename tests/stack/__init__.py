@@ -37,17 +37,31 @@ def require_tool(name: str, how_to_install: str) -> str:
     return found
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path, *, timeout: float = 60) -> None:
-    """Wait until a daemon subprocess answers 200 on /health; fail at once if it exits."""
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path, *, timeout: float = 60,
+                 what: str = "daemon") -> None:
+    """Wait until a server subprocess answers 200 on /health; fail at once, with its log, if it exits."""
     import urllib.request
 
     def healthy() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"daemon exited early:\n{log_path.read_text()[-3000:]}")
+            raise AssertionError(f"{what} exited early ({proc.returncode}):\n"
+                                 f"{log_path.read_text(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 return bool(r.status == 200)
         except OSError:
             return False
 
-    wait_for(healthy, timeout=timeout, interval=0.1, what="daemon /health")
+    wait_for(healthy, timeout=timeout, interval=0.1, what=f"{what} /health")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a test server never outlives its test."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

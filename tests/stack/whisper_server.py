@@ -20,11 +20,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import urllib.request
 from pathlib import Path
 from types import ModuleType
 
-from tests.stack import wait_for
+from tests.stack import stop_process, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALLER = REPO / "scripts" / "install_thirdparty_server.py"
@@ -65,18 +64,8 @@ class WhisperServer:
                 "--log-level", "info"]  # info: its own lines saying which model it loaded
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._healthy, timeout=timeout, interval=0.1, what="faster-whisper-server /health")
+        wait_healthy(self.proc, self.port, self.log_path, timeout=timeout, what="faster-whisper-server")
         return self
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"faster-whisper-server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
-                return bool(reply.status == 200)
-        except OSError:
-            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -86,11 +75,5 @@ class WhisperServer:
         return [entry for entry in self.log().splitlines() if line in entry]
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc)
