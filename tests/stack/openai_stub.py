@@ -21,6 +21,9 @@ unknown, the stand-in takes the strictest plausible reading and says so:
                insufficient_quota; Retry-After / retry-after-ms as scripted   (error-codes guide; SDK)
 
 Tests script it: `latency`, and `script`, a queue of `Reply`s served before normal answers.
+`latency_per_audio_second` (default 0.0: off) adds that many seconds per second of audio received, so an
+unscripted answer waits `latency + latency_per_audio_second * audio seconds`, like a real model whose
+time grows with the audio (the benchmarks of long recordings set it; the default keeps every test as it was).
 """
 
 from __future__ import annotations
@@ -233,7 +236,8 @@ class OpenAIStub:
         self.requests: list[TranscriptionRequest] = []  # every transcription request that reached the model
         self.refused: list[tuple[TranscriptionRequest, int, dict[str, Any]]] = []  # and those refused
         self.script: deque[Reply] = deque()
-        self.latency = 0.0
+        self.latency = 0.0  # seconds every unscripted answer waits
+        self.latency_per_audio_second = 0.0  # plus this much per second of the audio received (0: off)
         self.on_request: Callable[[TranscriptionRequest], None] | None = None
         self.lock = threading.Lock()
         self.release = threading.Event()  # set to cut every pending delay short (test teardown)
@@ -292,7 +296,14 @@ class OpenAIStub:
             return *refusal, {}
         with self.lock:
             self.requests.append(request)
-            reply = self.script.popleft() if self.script else Reply(delay=self.latency)
+            scripted = self.script.popleft() if self.script else None
+            latency, per_second = self.latency, self.latency_per_audio_second
+        if scripted is not None:
+            reply = scripted
+        elif per_second:  # the audio's length, measured from its packets as check() did
+            reply = Reply(delay=latency + per_second * max(audio_duration(request.data), 0.0))
+        else:
+            reply = Reply(delay=latency)
         if self.on_request:
             self.on_request(request)
         if reply.delay:
