@@ -39,9 +39,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, release: str | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.build_info = Info(
-            "sidecar_build", "The running daemon: release (the deployed tag) and package version.", registry=r
+            "sidecar_build", "The running daemon: version (the deployed tag) and package_version.", registry=r
         )
-        self.build_info.info({"version": __version__, "release": release or running_release()})
+        self.build_info.info({"version": release or running_release(), "package_version": __version__})
         self.jobs = Counter("sidecar_jobs", "Jobs by final outcome of an attempt.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.jobs.labels(outcome)

@@ -68,7 +68,7 @@ class Attempt:
     stage: str = "validate"
     durations: dict[str, float] = field(default_factory=dict)
     outcome: Literal["completed", "duplicate"] | None = None
-    source: Literal["api", "cached"] | None = None
+    source: str | None = None  # the transcriber's source ("api", "local"), or "cached" when re-sent from the record
     audio_seconds: float = 0.0
     model: str | None = None
     expired: bool = False  # older than MAX_JOB_AGE: nothing is retried any more
@@ -200,7 +200,8 @@ class Pipeline:
             if attempt.expired:
                 raise PermanentError(f"the job is older than MAX_JOB_AGE ({self.settings.max_job_age:.0f} s)",
                                      code="job_expired")
-            transcript, attempt.source, attempt.model = self._transcribe(attempt, job, handle), "api", None
+            transcript = self._transcribe(attempt, job, handle)
+            attempt.source, attempt.model = self.transcriber.source, self.transcriber.model
         attempt.audio_seconds = (transcript.duration_seconds or 0.0) if transcript else 0.0
         with self._stage(attempt, "callback"):
             self.deliverer.post(self._payload(attempt, job, transcript=transcript))

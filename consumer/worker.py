@@ -108,7 +108,7 @@ class Worker:
         poller = threading.Thread(target=self._poll_loop, args=(drain,), name="poller", daemon=True)
         for t in [*threads, poller]:
             t.start()
-        log.info("daemon_started", extra={"release": running_release(), "version": __version__,
+        log.info("daemon_started", extra={"version": running_release(), "package_version": __version__,
                                           "concurrency": self.settings.concurrency,
                                           "queue_url": self.queue.url})
         self.stop.wait()
@@ -150,7 +150,7 @@ class Worker:
         """(alive, body) for GET /health: alive while the poll loop keeps ticking."""
         age = self.clock() - self.last_tick
         ok = age < self.settings.health_stall_seconds
-        return ok, {"status": "ok" if ok else "stalled", "release": running_release(), "version": __version__,
+        return ok, {"status": "ok" if ok else "stalled", "version": running_release(), "package_version": __version__,
                     "last_poll_age_s": round(age, 3), "in_flight": self.in_flight}
 
     def _wait_idle(self, timeout: float) -> bool:
@@ -314,7 +314,7 @@ class Worker:
             outcome = attempt.outcome or "completed"
             if outcome == "completed":
                 self.metrics.transcriptions.labels(attempt.source or "api").inc()
-                if attempt.source == "api":
+                if attempt.source != "cached":  # transcribed now (api or local), not re-sent from the record
                     self.metrics.audio_seconds.labels(attempt.model or "").inc(attempt.audio_seconds)
             self._outcome(attempt, outcome)
             return

@@ -71,6 +71,6 @@ def test_health_reports_a_stalled_poll_loop(run_daemon, aws):
         assert err.value.code == 503
         body = json.loads(err.value.read())
         assert body["status"] == "stalled" and body["last_poll_age_s"] == 60
-        assert set(body) == {"status", "release", "version", "last_poll_age_s", "in_flight"}  # no configuration
+        assert set(body) == {"status", "version", "package_version", "last_poll_age_s", "in_flight"}  # no configuration
     finally:
         server.stop()

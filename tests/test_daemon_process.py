@@ -65,7 +65,7 @@ def test_twenty_signed_jobs_end_to_end(spawn_daemon, aws, openai_stub, wordpress
     status, body = scrape(daemon.metrics_port, "/health")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok" and health["in_flight"] == 0
-    assert set(health) == {"status", "version", "last_poll_age_s", "in_flight"}
+    assert set(health) == {"status", "version", "package_version", "last_poll_age_s", "in_flight"}
 
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0

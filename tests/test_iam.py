@@ -260,7 +260,7 @@ def test_every_command_runs_with_only_the_template_policies(
     assert [c["status"] for c in wordpress.terminal("iam-good")] == ["completed"]
     [late] = wordpress.terminal("iam-late")
     assert late["status"] == "failed" and late["error"]["code"] == "audio_not_found"
-    assert aws.s3.head_object(Bucket=aws.bucket, Key="transcripts/iam-good.json")["ContentLength"] > 0
+    assert aws.s3.head_object(Bucket=aws.bucket, Key="transcripts/iam-good.job.json")["ContentLength"] > 0
     wait_for(lambda: aws.counts(aws.dlq_url) == (1, 0), timeout=30, what="the dead letter, visible")
 
     # Listed twice: the first listing used to be refused the hand-back and leave the letter hidden.

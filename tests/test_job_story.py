@@ -184,9 +184,11 @@ def test_9_parts_paid_for_are_kept_when_one_part_fails(run_daemon, aws, openai_s
     path = tmp_path / "long.webm"
     _long_recording(path, 150)
     upload(aws, "audio/long.webm", path)
-    from consumer.transcribe_openai import OpenAITranscriber
     import dataclasses
+
     import openai
+
+    from consumer.transcribe_openai import OpenAITranscriber
 
     backend = OpenAITranscriber(openai.OpenAI(api_key="sk", base_url=openai_stub.base_url, max_retries=0),
                                 model="gpt-transcribe")

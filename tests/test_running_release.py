@@ -54,7 +54,7 @@ def test_outside_a_checkout_it_is_unreleased(tmp_path):
 
 def test_build_info_carries_release_and_version():
     text = Metrics(release="prod-2025-03-04-2").render().decode()
-    assert f'sidecar_build_info{{release="prod-2025-03-04-2",version="{__version__}"}} 1.0' in text
+    assert f'sidecar_build_info{{package_version="{__version__}",version="prod-2025-03-04-2"}} 1.0' in text
 
 
 def test_health_shows_the_running_release_beside_the_version(run_daemon, caplog):
@@ -63,12 +63,12 @@ def test_health_shows_the_running_release_beside_the_version(run_daemon, caplog)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{rd.daemon.side_port.port}/health", timeout=5) as r:
             body = json.loads(r.read())
-        assert body["release"] == running_release() and body["version"] == __version__
-        assert body["release"] not in ("", __version__)
+        assert body["version"] == running_release() and body["package_version"] == __version__
+        assert body["version"] not in ("", __version__)
         text = rd.daemon.metrics.render().decode()
-        assert f'release="{running_release()}"' in text
+        assert f'version="{running_release()}"' in text
         started = wait_for(lambda: next((r for r in caplog.records if r.getMessage() == "daemon_started"), None),
                            timeout=10, what="daemon_started")
-        assert started.release == running_release() and started.version == __version__  # type: ignore[attr-defined]
+        assert started.version == running_release() and started.package_version == __version__  # type: ignore[attr-defined]
     finally:
         rd.stop()
