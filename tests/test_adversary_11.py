@@ -170,6 +170,30 @@ def test_the_local_backend_never_decodes_more_than_its_part_limit_from_a_two_str
         assert decoded <= MAX_PART_SECONDS, f"{part.filename}: faster-whisper decodes {decoded:.0f} s"
 
 
+@pytest.mark.xfail(strict=True, reason="measure_wav_to_end reads chunks after `data` as audio: a legitimate "
+                   "WAV with a large trailing chunk is refused as audio_too_long")
+def test_a_wav_with_metadata_after_its_data_is_not_refused_as_too_long(tmp_path):
+    """Sequence: a 50 s WAV, MAX_AUDIO_SECONDS 60, with a 1 MB `id3 ` chunk after the `data` chunk (tags
+    and cover art that recorders and editors append after the audio; RIFF allows any chunk there). The
+    wav demuxer with `ignore_length`, which `audio_measure.measure_wav_to_end` uses to defeat a lying
+    data size, reads everything after `data` as samples: 1 MB is 31 s of 16 kHz mono, so the recording
+    "holds more than 60 s" and fails for good (audio_too_long). audio_measure's docstring calls a
+    trailing chunk "a few milliseconds of audio here: harmless"; that holds for a LIST chunk only."""
+    path = tmp_path / "tagged.wav"
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=RATE)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, RATE * 50), np.int16), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = RATE, 0
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    data = path.read_bytes()
+    tag = b"id3 " + (1_000_000).to_bytes(4, "little") + bytes(1_000_000)  # RIFF chunk: id, u32 LE size, body
+    path.write_bytes(data[:4] + (len(data) - 8 + len(tag)).to_bytes(4, "little") + data[8:] + tag)
+    info = audio.probe(path, max_seconds=LIMIT)
+    assert info.duration == pytest.approx(50, abs=0.5)
+
+
 # ------------------------------------------------------------------------------------------ journald
 
 @pytest.mark.xfail(strict=True, reason="main() prints configuration/runtime errors to the journal stream "
