@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import audio_prep, latency, memory, report, sqs_requests, throughput
+from bench import audio_prep, latency, memory, peer, report, sqs_requests, throughput
 from bench.common import Bench
 from bench.stack import CLK_TCK, ROOT, proc_cpu_seconds
 
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Bench], dict[str, Any]], str]] = {
     "memory": (memory.run, "5. daemon peak RSS on 10, 100 and 500 MB recordings"),
     "audio_speed": (audio_prep.speed, "6. audio prepared per CPU second, against the ffmpeg CLI"),
     "long_recording": (audio_prep.long_recording, "7. a 60-min recording's chunks in parallel vs in sequence"),
+    "peer": (peer.run, "8. against bbc/sqs-consumer on the same stack: the issue 15 table as ours/peer ratios"),
 }
 RESULTS = ROOT / "bench" / "results"
 

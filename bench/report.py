@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # the backend must be chosen before pyplot is imported
 
-ORDER = ("concurrency", "sqs_requests", "cpu", "latency", "memory", "audio_speed", "long_recording")
+ORDER = ("concurrency", "sqs_requests", "cpu", "latency", "memory", "audio_speed", "long_recording", "peer",
+         "quality", "local_rtf")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -64,8 +65,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
     benches = results["benchmarks"]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 9))
-    panels = [_concurrency, _sqs, _cpu, _latency, _memory, _audio, _long]
+    fig, axes = plt.subplots(3, 4, figsize=(20, 13.5))
+    panels = [_concurrency, _sqs, _cpu, _latency, _memory, _audio, _long, _peer, _quality, _rtf]
     for ax, (name, draw) in zip(axes.flat, zip(ORDER, panels, strict=True), strict=False):
         bench = benches.get(name)
         if bench and not bench.get("error"):
@@ -160,4 +161,43 @@ def _long(ax: Any, b: dict[str, Any]) -> None:
     ax.set(title=f"7. {b['config']['audio_s'] / 60:.0f} min recording, {b['config']['parts']} chunks, "
                  f"{b['config']['per_request_latency_s']:g} s/request\nspeed-up {b['headline']}x",
            ylabel="wall seconds")
+    ax.legend(fontsize=8)
+
+
+def _peer(ax: Any, b: dict[str, Any]) -> None:
+    rows = [r for r in b["table"] if r["ratio"] is not None]
+    ax.barh([r["label"] for r in rows], [r["ratio"] for r in rows], color="#4477aa")
+    ax.axvline(1.0, color="red", linestyle="--")
+    for i, r in enumerate(rows):
+        ax.text(r["ratio"], i, f" {r['ratio']}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set(title="8. ours / bbc/sqs-consumer, same stack\n(1 = the same; see the README for which way is better)",
+           xlabel="ratio")
+
+
+def _quality(ax: Any, b: dict[str, Any]) -> None:
+    names = ["whole", f"cut ({b['config']['max_seconds']:g} s parts)"]
+    values = [b["wer_whole"] * 100, b["wer_parts"] * 100]
+    ax.bar(names, values, color=["#aaaaaa", "#4477aa"])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.2f} %", ha="center", va="bottom", fontsize=9)
+    ax.set(title=f"9. word error rate, {b['config']['model']} on {b['audio_s'] / 60:.1f} min of espeak-ng speech\\n"
+                 f"difference {b['difference_pp']:+.2f} points (target within 0.5)", ylabel="WER %")
+
+
+def _rtf(ax: Any, b: dict[str, Any]) -> None:
+    rows = b["rows"]
+    xs = [f"{r['minutes']:g} min" for r in rows]
+    width = 0.38
+    for offset, key, label, color in ((-width / 2, "rtf", "WhisperModel", "#aaaaaa"),
+                                      (width / 2, "batched_rtf", "BatchedInferencePipeline", "#4477aa")):
+        values = [r.get(key) or 0 for r in rows]
+        ax.bar([i + offset for i in range(len(rows))], values, width, label=label, color=color)
+    ax.set_xticks(range(len(rows)), xs)
+    ax.set(title="10. local faster-whisper real-time factor\\n(processing time / audio time; lower is faster; "
+                 "hatched = extrapolated)", ylabel="RTF")
+    for i, r in enumerate(rows):
+        if r.get("extrapolated"):
+            ax.text(i, 0, "extrapolated", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.legend(fontsize=8)
