@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from consumer.transcribe_openai import OpenAITranscriber
 
 PROBE_CLIP = Path(__file__).resolve().parent / "data" / "probe.wav"
+PROBE_LANGUAGE, PROBE_PROMPT = "en", "SalesTrainer"  # the clip says "Hello, testing." in English
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 AWS = ("AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 TRANSCRIPTION = ("TRANSCRIBER", "OPENAI_API_KEY", "OPENAI_BASE_URL", "TRANSCRIBE_MODEL", "TRANSCRIBE_RESPONSE_FORMAT",
@@ -159,7 +160,9 @@ def probe_transcriber(backend: Transcriber) -> str:
     from consumer.transcribe_openai import OpenAITranscriber
 
     part = AudioPart(PROBE_CLIP, PROBE_CLIP.name, duration=1.0)
-    transcript = backend.transcribe(part, language=None, prompt=None)
+    # With the optional fields a WordPress job carries (a language from get_locale, a vocabulary prompt), so
+    # a field the endpoint refuses shows here, at deploy, and not first in traffic.
+    transcript = backend.transcribe(part, language=PROBE_LANGUAGE, prompt=PROBE_PROMPT)
     if isinstance(backend, OpenAITranscriber):
         refused = backend.refused
         if refused:  # jobs would still complete, but not as configured: say so before traffic does

@@ -18,9 +18,11 @@ transcript gets one segment per part sent, spanning the part's measured start an
 documented as such in docs/contract.md). Durations come from our own measurement of the audio, else the
 reply's `usage.seconds`; never from a field the model does not send.
 
-A 400 that names one of *our* optional parameters (`param` in the error body) is this deployment's
-mistake, not the recording's: the parameter is dropped (or `verbose_json` falls back to `json`), the
-request is sent again at once, and the refusal is remembered for the life of the process. A 400 naming
+A 400 that names one of *our* optional parameters (`param` in the error body) is not the recording's
+fault: the parameter is left out (or `verbose_json` falls back to `json`) and the request is sent again
+at once. A parameter set by our configuration (`response_format`, `chunking_strategy`) is then left out
+for the life of the process; one that carries the job's value (`language`, `languages`, `prompt`: the
+API refuses a language it does not support, e.g. `eo`) only for that request. A 400 naming
 a parameter we cannot drop (`model`) keeps the job (`transcription_misconfigured`, retryable and
 alerted on). Only a 400 about the file itself (`param` `file` or none) fails the job.
 
@@ -79,6 +81,9 @@ OTHER_MODEL = ModelProfile("json")  # an OpenAI-compatible server's model: ask f
 # `response_format`/`timestamp_granularities` refused means: fall back to json.
 DROPPABLE = frozenset({"response_format", "timestamp_granularities", "prompt", "language", "languages",
                        "chunking_strategy"})
+# Of those, the ones whose value comes from the job: a 400 may be about that one value (a language the API
+# does not support, e.g. `eo`), so the parameter is left out of that request only, never for later jobs.
+JOB_VALUES = frozenset({"prompt", "language", "languages"})
 
 # openai exception class -> (retryable?, code). Looked up along the MRO, most specific first.
 OPENAI_ERRORS: dict[type[Exception], tuple[bool, str]] = {
@@ -161,7 +166,8 @@ class OpenAITranscriber:
         cap = self.profile.max_seconds
         self.limits = AudioLimits(max_seconds=cap * DURATION_MARGIN if cap else None)
         self.supports_prompt = self.profile.prompt
-        self._refused: dict[str, str] = {}  # parameter -> the endpoint's 400, remembered for the process' life
+        self._refused: dict[str, str] = {}  # every parameter the endpoint refused so far -> its 400
+        self._skipped: set[str] = set()  # those left out of every request from now on (our configuration's)
         self._lock = threading.Lock()
 
     @property
@@ -173,8 +179,9 @@ class OpenAITranscriber:
     def request(self, part: AudioPart, *, language: str | None, prompt: str | None) -> dict[str, Any]:
         """The keyword arguments of the SDK call for one part (less the file): the model's documented shape."""
         kwargs: dict[str, Any] = {"model": self.model}
-        refused = self.refused
-        verbose = self.response_format == "verbose_json" and "timestamp_granularities" not in refused
+        with self._lock:
+            skipped = set(self._skipped)
+        verbose = self.response_format == "verbose_json" and "timestamp_granularities" not in skipped
         kwargs["response_format"] = "verbose_json" if verbose else "json"
         if verbose:
             kwargs["timestamp_granularities"] = ["segment"]
@@ -187,33 +194,41 @@ class OpenAITranscriber:
             kwargs["prompt"] = prompt
         if self.profile.chunking_strategy:
             kwargs["chunking_strategy"] = "auto"
-        return {k: v for k, v in kwargs.items() if k not in refused}
+        return {k: v for k, v in kwargs.items() if k not in skipped}
 
     def transcribe(self, part: AudioPart, *, language: str | None, prompt: str | None) -> Transcript:
-        kwargs = self.request(part, language=language, prompt=prompt)
-        for _ in range(len(DROPPABLE) + 1):  # each refusal drops one parameter for good: this ends
+        dropped: set[str] = set()  # left out of this part's request only
+        for _ in range(len(DROPPABLE) + 1):  # each refusal drops one more parameter: this ends
+            kwargs = {k: v for k, v in self.request(part, language=language, prompt=prompt).items()
+                      if k not in dropped}
             try:
                 with part.path.open("rb") as fh:
                     result = self.client.audio.transcriptions.create(file=(part.filename, fh), **kwargs)
                 return self._read(result, kwargs["response_format"], part, language)
             except openai.OpenAIError as exc:
                 param = refused_param(exc)
-                if param not in DROPPABLE or not self._refuse(param, kwargs, exc):
+                if param not in DROPPABLE or not self._refuse(param, kwargs, exc, dropped):
                     raise translate_openai_error(exc) from exc
-                kwargs = self.request(part, language=language, prompt=prompt)
         raise RetryableError("the endpoint refused every optional parameter", code="transcription_misconfigured")
 
-    def _refuse(self, param: str, sent: dict[str, Any], exc: openai.OpenAIError) -> bool:
-        """Remember that the endpoint refuses `param`; False when dropping it changes nothing we send."""
+    def _refuse(self, param: str, sent: dict[str, Any], exc: openai.OpenAIError, dropped: set[str]) -> bool:
+        """Leave `param` out (of this request if it carries the job's value, else of every request from now
+        on); False when leaving it out changes nothing we send."""
         if param == "response_format":
             param = "timestamp_granularities" if sent.get("response_format") == "verbose_json" else param
         if param not in sent or param == "response_format":
             return False  # json itself refused, or a parameter we did not send: nothing left to fall back to
+        per_job = param in JOB_VALUES
         with self._lock:
             self._refused[param] = str(exc)
+            if not per_job:
+                self._skipped.add(param)
+        dropped.add(param)
         log.warning("transcription_param_refused", extra={
             "model": self.model, "param": param, "api_error": str(exc),
-            "fallback": "json without timestamps" if param == "timestamp_granularities" else f"{param} left out"})
+            "value": sent.get(param) if param in ("language", "languages") else None,
+            "fallback": "json without timestamps" if param == "timestamp_granularities"
+            else f"{param} left out of this request" if per_job else f"{param} left out from now on"})
         return True
 
     def _read(self, result: Any, response_format: str, part: AudioPart, language: str | None) -> Transcript:

@@ -33,7 +33,7 @@ from consumer.transcribe_local import MAX_PART_SECONDS
 from consumer.transcribe_openai import OpenAITranscriber
 from tests.conftest import SPEECH
 from tests.stack import openai_stub as stand_in
-from tests.stack.openai_stub import Reply, error
+from tests.stack.openai_stub import error
 
 RATE = 16_000
 LIMIT = 60.0  # MAX_AUDIO_SECONDS in the audio tests
@@ -55,28 +55,23 @@ def speech() -> AudioPart:
 
 # ------------------------------------------------------------------------------------------- requests
 
-@pytest.mark.xfail(strict=True, reason="a 400 about one job's language value drops the language hint for "
-                   "every later job of the process (remembered as the deployment's refusal)")
 @pytest.mark.parametrize(("model", "param"), [("whisper-1", "language"), ("gpt-4o-transcribe", "language"),
-                                            ("gpt-transcribe", "languages[]")])
+                                            ("gpt-transcribe", "languages")])
 def test_one_jobs_unsupported_language_does_not_strip_the_hint_from_every_later_job(openai_stub, model, param):
     """Sequence: job 1 carries language `eo` (valid ISO-639-1, valid in the job schema, not supported by
     Whisper); the API answers 400 with `param: "language"`. The backend takes that as "this endpoint
     refuses the `language` parameter", drops it and remembers that for the life of the process. Job 2
     carries `de`: it is sent without any language, and so is every job after it, silently (one WARNING
     for the whole process). The refusal was about a value of one job, not about the parameter."""
-    refusal = {"error": {**UNSUPPORTED_LANGUAGE["error"], "param": param}}
-    openai_stub.script.append(Reply(400, body=refusal))
-    t = backend(openai_stub, model)
+    t = backend(openai_stub, model)  # the stand-in refuses `eo` as the API does (param `language[s]`)
     t.transcribe(speech(), language="eo", prompt=None)  # the job itself goes on without its hint: fine
     t.transcribe(speech(), language="de", prompt=None)
     last = openai_stub.requests[-1]
     sent = last.fields.get("language") or (last.lists.get("languages") or [None])[0]
     assert sent == "de", (last.fields, last.lists.get("languages"))
+    assert [body["error"]["param"] for _, _, body in openai_stub.refused] == [param]
 
 
-@pytest.mark.xfail(strict=True, reason="check --probe sends no language (nor prompt), so an endpoint that "
-                   "refuses the languages[] field every WordPress job carries passes the probe")
 def test_the_probe_sends_the_optional_fields_a_job_sends(openai_stub, monkeypatch):
     """Sequence: the endpoint refuses `languages[]` for the configured model (here the stand-in's
     gpt-transcribe rule is turned off: an API revision, a proxy or a compatible server that does not
@@ -95,8 +90,6 @@ def test_the_probe_sends_the_optional_fields_a_job_sends(openai_stub, monkeypatc
 
 # ------------------------------------------------------------------------------------------ stand-in
 
-@pytest.mark.xfail(strict=True, reason="the stand-in answers 404 model_not_found for a model the SDK "
-                   "documents (and consumer.transcribe_openai.MODELS lists)")
 def test_the_stand_in_serves_every_documented_model(openai_stub):
     """REALITY.md (SDK docstring of `model`) lists gpt-4o-mini-transcribe-2025-12-15; the daemon's MODELS
     has a profile for it. TRANSCRIBE_MODEL=gpt-4o-mini-transcribe-2025-12-15 against the stand-in gets
@@ -106,8 +99,6 @@ def test_the_stand_in_serves_every_documented_model(openai_stub):
     assert openai_stub.requests[-1].fields["response_format"] == "json"
 
 
-@pytest.mark.xfail(strict=True, reason="the stand-in takes any language value; the real API refuses one "
-                   "Whisper does not support with 400 param=language, which is what hides the bug above")
 def test_the_stand_in_refuses_a_language_the_api_does_not_support(openai_stub):
     """The real API answers 400 invalid_language_format (param `language`) for a code outside Whisper's
     list (jambonz-api-server PR #402 quotes the list). The stand-in accepts `eo` and answers 200."""

@@ -9,6 +9,7 @@ unknown, the stand-in takes the strictest plausible reading and says so:
     size       request body > 26214400 bytes -> 413 server_error             (buzz #381, speakr #42)
     format     response_format not taken by the model -> 400 (exact body)    (vercel/ai #8214; SDK docstring)
     granular.  timestamp_granularities[] without verbose_json -> 400         (SDK docstring; SubtitleEdit #11151)
+    language   language / languages[] outside the API's 57 -> 400 invalid_language_format (jambonz PR #402)
     params     languages[]/keywords[] only for gpt-transcribe -> else 400    (SDK docstrings: "Supported by
                prompt refused by gpt-4o-transcribe-diarize -> 400             gpt-transcribe"; strictest reading)
                chunking_strategy required by diarize over 30 s -> 400
@@ -68,10 +69,17 @@ MODELS: dict[str, ModelRules] = {
     # "the only supported format is json" (SDK docstring); text also accepted (the 400's own advice).
     "gpt-4o-transcribe": ModelRules(_TEXT, 1400, usage="tokens"),
     "gpt-4o-mini-transcribe": ModelRules(_TEXT, 1400, usage="tokens"),
+    "gpt-4o-mini-transcribe-2025-12-15": ModelRules(_TEXT, 1400, usage="tokens"),
     "gpt-4o-transcribe-diarize": ModelRules(_TEXT | {"diarized_json"}, 1400, prompt=False,
                                             chunking_required_over=30, usage="tokens"),
     "whisper-1": ModelRules(frozenset({"json", "text", "srt", "verbose_json", "vtt"})),
 }
+# The 57 languages the API takes (jambonz/jambonz-api-server PR #402, quoting the API's own error); a valid
+# ISO-639-1 code outside them (`eo`, `ga`, `eu`) is refused with 400 `invalid_language_format`.
+LANGUAGES = frozenset({"af", "ar", "az", "be", "bg", "bs", "ca", "cs", "cy", "da", "de", "el", "en", "es", "et",
+                       "fa", "fi", "fr", "gl", "he", "hi", "hr", "hu", "hy", "id", "is", "it", "ja", "kk", "kn",
+                       "ko", "lt", "lv", "mi", "mk", "mr", "ms", "ne", "nl", "no", "pl", "pt", "ro", "ru", "sk",
+                       "sl", "sr", "sv", "sw", "ta", "th", "tl", "tr", "uk", "ur", "vi", "zh"})
 # The name the API puts in its format error, e.g. 'gpt-4o-transcribe-api-ev3' (vercel/ai #8214).
 SERVED_AS = {"gpt-4o-transcribe": "gpt-4o-transcribe-api-ev3"}
 
@@ -185,13 +193,9 @@ def check(request: TranscriptionRequest) -> tuple[int, dict[str, Any]] | None:
     if "timestamp_granularities" in request.lists and fmt != "verbose_json":
         return 400, error("`response_format` must be `verbose_json` if `timestamp_granularities[]` is provided",
                           param="timestamp_granularities")
-    for name in ("languages", "keywords"):
-        if name in request.lists and not rules.languages:
-            return 400, error(f"`{name}` is not supported with model '{model}'.", param=name,
-                              code="unsupported_parameter")
-    if "prompt" in request.fields and not rules.prompt:
-        return 400, error(f"prompt is not supported with model '{model}'.", param="prompt",
-                          code="unsupported_parameter")
+    refusal = check_hints(request, rules)
+    if refusal:
+        return refusal
     extension = PurePath(request.filename).suffix.lower().lstrip(".")
     info = probe(request.data)
     if extension not in FORMATS or info is None or info[0] not in DEMUXERS[extension]:
@@ -203,6 +207,25 @@ def check(request: TranscriptionRequest) -> tuple[int, dict[str, Any]] | None:
     if rules.chunking_required_over and seconds > rules.chunking_required_over \
             and "chunking_strategy" not in request.fields:
         return 400, error("chunking_strategy is required for audio longer than 30 seconds", param="chunking_strategy")
+    return None
+
+
+def check_hints(request: TranscriptionRequest, rules: ModelRules) -> tuple[int, dict[str, Any]] | None:
+    """The API's refusal of the optional hints (languages, keywords, prompt), or None."""
+    model = request.model
+    for name in ("languages", "keywords"):
+        if name in request.lists and not rules.languages:
+            return 400, error(f"`{name}` is not supported with model '{model}'.", param=name,
+                              code="unsupported_parameter")
+    for name, values in (("language", [request.fields["language"]] if "language" in request.fields else []),
+                         ("languages", request.lists.get("languages", []))):
+        for value in values:
+            if value not in LANGUAGES:  # the body as public clients quote it; its param/code: likely, unverified
+                return 400, error(f"Invalid language '{value}'. Language parameter must be specified in ISO-639-1 "
+                                  "format.", param=name, code="invalid_language_format")
+    if "prompt" in request.fields and not rules.prompt:
+        return 400, error(f"prompt is not supported with model '{model}'.", param="prompt",
+                          code="unsupported_parameter")
     return None
 
 
