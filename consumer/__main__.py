@@ -281,19 +281,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from consumer.logs import say
+
     args = parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"configuration error: {problem}", file=sys.stderr)
+            say(f"configuration error: {problem}")
         return EXIT_CONFIG
     except ConsumerError as exc:
         aws = explain_aws_error(exc)
-        print(f"error: {exc.code}: {aws}" if aws else f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc.code}: {aws}" if aws else f"error: {exc}")
         return 1
     except (BotoCoreError, ClientError) as exc:  # a boto3 call outside the adapters (upload, head)
-        print(f"error: {explain_aws_error(exc) or exc}", file=sys.stderr)
+        say(f"error: {explain_aws_error(exc) or exc}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -97,6 +97,17 @@ class JournalPriorityFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in _JOURNAL_LINE_BREAK.split(self.inner.format(record)))
 
 
+def say(text: str, *, level: int = logging.ERROR, stream: TextIO | None = None,
+        environ: Mapping[str, str] | None = None) -> None:
+    """Print an operator's line to stderr (a command's one-line answer), with its `<N>` priority on every
+    line when stderr is the journal stream: a service that exits with `configuration error: …` must show it
+    in `journalctl -p err`, not at info."""
+    out = stream or sys.stderr
+    if stream_is_journal(out, os.environ if environ is None else environ):
+        text = "\n".join(f"<{syslog_priority(level)}>{line}" for line in _JOURNAL_LINE_BREAK.split(text))
+    print(text, file=out, flush=True)
+
+
 class TextFormatter(logging.Formatter):
     """Human-readable lines with the event's fields appended as key=value."""
 

@@ -187,8 +187,6 @@ def test_a_wav_with_metadata_after_its_data_is_not_refused_as_too_long(tmp_path)
 
 # ------------------------------------------------------------------------------------------ journald
 
-@pytest.mark.xfail(strict=True, reason="main() prints configuration/runtime errors to the journal stream "
-                   "without a <N> prefix: journald stores them at info and `journalctl -p err` misses them")
 def test_every_line_on_the_journal_stream_carries_a_priority(tmp_path):
     """Sequence: `sidecar run` under systemd (stderr is the journal stream JOURNAL_STREAM names) with a
     configuration the daemon refuses (here WP_SERVER_TOKEN unset; the same path prints "configuration

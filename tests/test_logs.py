@@ -192,3 +192,17 @@ def test_log_file_never_gets_prefixes(stderr_file, tmp_path):
     assert line.startswith("<3>")
     [in_file] = path.read_text().splitlines()
     assert json.loads(in_file) == json.loads(line[3:])
+
+
+def test_a_commands_one_line_answer_reaches_journald_at_its_priority(stderr_file, tmp_path):
+    """`configuration error: …` from main() must show in `journalctl -p err`; elsewhere it stays plain."""
+    from consumer.logs import say
+
+    say("configuration error: A\nsecond line", stream=stderr_file,
+        environ={"JOURNAL_STREAM": journal_stream_of(stderr_file)})
+    say("redrove 2 message(s)", level=logging.INFO, stream=stderr_file,
+        environ={"JOURNAL_STREAM": journal_stream_of(stderr_file)})
+    plain = (tmp_path / "plain").open("w+")
+    say("configuration error: B", stream=plain, environ={"JOURNAL_STREAM": journal_stream_of(stderr_file)})
+    assert written(stderr_file) == ["<3>configuration error: A", "<3>second line", "<6>redrove 2 message(s)"]
+    assert written(plain) == ["configuration error: B"]
