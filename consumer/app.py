@@ -30,7 +30,7 @@ from consumer.records import RecordStore
 from consumer.sdnotify import Notifier
 from consumer.settings import Settings
 from consumer.sqs import SqsQueue, queue_url_for_arn
-from consumer.transcribe import Transcriber, build_transcriber
+from consumer.transcribe import RequestSlots, SharedTranscriber, Transcriber, build_transcriber
 from consumer.worker import Worker
 
 if TYPE_CHECKING:
@@ -151,7 +151,8 @@ def build_daemon(settings: Settings, *, sqs: SQSClient, s3: S3Client, transcribe
     gate = RateGate(stop, on_paused=metrics.backpressure_seconds.inc)
     pipeline = Pipeline(
         settings=settings, s3=s3,
-        transcriber=transcriber or build_transcriber(settings),
+        transcriber=SharedTranscriber(transcriber or build_transcriber(settings),
+                                      RequestSlots(settings.transcribe_max_requests)),
         deliverer=Deliverer(session or make_session(), settings.wp_side_car_callback,
                             send_token_header=settings.send_x_server_token_header,
                             timeout=settings.callback_timeout),

@@ -5,9 +5,14 @@
                                                claim; audio_too_long as soon as it passes max_seconds
     check_limits(info, ...)                    audio_too_large / audio_too_long
     has_speech(path, info, max_seconds) -> bool  False for silence, so nobody pays to transcribe it
-    prepare(path, info, limits, workdir) -> list[AudioPart]
-                                               the original when the API takes it as it is; otherwise a
-                                               16 kHz mono Ogg/Opus transcode, cut at pauses to fit
+    cut(path, info, limits, workdir, parts_hint) -> Cut
+                                               the plan (what determines the cut) and the parts, yielded
+                                               as each is ready: the original when the API takes it as it
+                                               is and it needs no cutting; else parts cut at pauses, to fit
+                                               and for latency (`parts_hint` parts sent side by side):
+                                               packet copies when the API takes the codec (audio_copy.py),
+                                               else a 16 kHz mono Ogg/Opus transcode (audio_split.py)
+    prepare(...) -> list[AudioPart]            the same, all at once
 
 All decoding goes through PyAV (its wheels bundle FFmpeg; no ffmpeg binary is needed) and streams, so
 a four-hour recording costs no more memory than a short one. Every decode is bounded by MAX_AUDIO_SECONDS
@@ -22,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,7 @@ from typing import Any
 import av
 import numpy as np
 
-from consumer import audio_measure, audio_split
+from consumer import audio_copy, audio_measure, audio_split
 from consumer.errors import ConsumerError, PermanentError, RetryableError
 from consumer.transcribe import AudioLimits, AudioPart
 
@@ -45,6 +52,11 @@ MIN_SPEECH_SECONDS = 0.5
 # An Ogg/Opus chunk's bytes per second at OPUS_BITRATE, with room for Ogg pages and VBR swings.
 OPUS_BYTES_PER_SECOND = audio_split.OPUS_BITRATE / 8 * 1.15
 OGG_HEADER_BYTES = 4096
+# A copied part's bytes per second may run over the recording's average (VBR, a loud stretch): plan for this.
+COPY_BITRATE_HEADROOM = 1.25
+# Names the cut algorithm in a job's record: change it when a change here moves where cuts fall, so
+# parts stored by the old code are not stitched with parts cut by the new.
+CUT_VERSION = "cut2"
 MIN_CHUNK_SECONDS = 30.0  # below this a byte or duration limit is a configuration mistake, not a plan
 
 # (container, codec) -> the name the transcription API knows the format by; absent: transcode first.
@@ -222,36 +234,86 @@ def has_speech(path: Path, info: AudioInfo, *, max_seconds: float | None = None)
     return False
 
 
-def prepare(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
-            max_total_seconds: float | None = None) -> list[AudioPart]:
-    """The files to transcribe: the original if it fits `limits` as it is, else Ogg/Opus chunks in workdir.
+@dataclass(frozen=True)
+class Cut:
+    """How a recording will be sent: `plan` names the cut before any part exists; `parts` yields them in order.
 
+    For one recording (one ETag) the same `plan` always yields the same parts: index i is the same
+    stretch of audio on a retry, so a part paid for once is not paid for again."""
+
+    plan: str
+    count: int  # parts the plan makes (one more if the audio runs longer than measured)
+    parts: Iterator[AudioPart]
+
+
+def prepare(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
+            max_total_seconds: float | None = None, parts_hint: int = 1) -> list[AudioPart]:
+    """Every part of `cut`, once all are cut."""
+    return list(cut(path, info, limits, workdir, max_total_seconds=max_total_seconds, parts_hint=parts_hint).parts)
+
+
+def cut(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
+        max_total_seconds: float | None = None, parts_hint: int = 1) -> Cut:
+    """The files to transcribe: the original if it fits `limits` as it is and needs no cutting; else parts.
+
+    A recording longer than `parts_hint` minutes is cut into `parts_hint` parts (TRANSCRIBE_PARALLELISM)
+    so they can be sent side by side; more where `limits` demand. Parts are packet copies of the original
+    when the transcriber takes its codec (`consumer.audio_copy`), else a 16 kHz mono Ogg/Opus transcode.
     `info.duration` is the measured length, so a header understating it cannot get the original sent to a
-    transcriber with a per-request cap; `max_total_seconds` (MAX_AUDIO_SECONDS) bounds the decode as well."""
-    if _fits_as_is(info, limits):
-        extension = info.api_format or info.container
-        return [AudioPart(path=path, filename=f"{path.stem}.{extension}", offset=0.0, duration=info.duration)]
-    max_seconds = _chunk_seconds(limits, info.duration)
-    plan = audio_split.SplitPlan.make(max_seconds=max_seconds, expected_seconds=info.duration)
+    transcriber with a per-request cap; `max_total_seconds` (MAX_AUDIO_SECONDS) bounds the work as well."""
+    copy_to = audio_copy.COPY_FORMATS.get((info.container, info.codec))
+    copyable = copy_to is not None and (limits.formats is None or copy_to[1] in limits.formats)
+    if copyable:
+        copy_seconds = _copy_seconds(limits, info)
+        copyable = copy_seconds is None or copy_seconds >= MIN_CHUNK_SECONDS
+    if copyable:
+        plan = audio_split.SplitPlan.make(max_seconds=copy_seconds, expected_seconds=info.duration,
+                                          parts_hint=parts_hint)
+        if plan.count == 1 and _fits_as_is(info, limits):
+            return _as_is(path, info)
+        chunks = audio_copy.copy_split(path, workdir, stem=path.stem or "audio", plan=plan,
+                                       max_bytes=limits.max_bytes, max_seconds=max_total_seconds)
+        return Cut(plan=f"{CUT_VERSION}:copy:{plan.key()}", count=plan.count,
+                   parts=_parts(chunks, info, limits, how="audio_copied"))
+    plan = audio_split.SplitPlan.make(max_seconds=_chunk_seconds(limits, info.duration),
+                                      expected_seconds=info.duration, parts_hint=parts_hint)
+    if plan.count == 1 and _fits_as_is(info, limits):
+        return _as_is(path, info)
+    chunks = audio_split.transcode_split(path, workdir, stem=path.stem or "audio", plan=plan,
+                                         max_seconds=max_total_seconds)
+    return Cut(plan=f"{CUT_VERSION}:opus:{plan.key()}", count=plan.count,
+               parts=_parts(chunks, info, limits, how="audio_transcoded"))
+
+
+def _as_is(path: Path, info: AudioInfo) -> Cut:
+    extension = info.api_format or info.container
+    part = AudioPart(path=path, filename=f"{path.stem}.{extension}", offset=0.0, duration=info.duration)
+    return Cut(plan=f"{CUT_VERSION}:as-is", count=1, parts=iter([part]))
+
+
+def _parts(chunks: Iterator[audio_split.Chunk], info: AudioInfo, limits: AudioLimits, *,
+           how: str) -> Iterator[AudioPart]:
+    """The chunks as AudioParts, checked against the limits, with PyAV's errors translated."""
+    started, count, total = time.monotonic(), 0, 0.0
     try:
-        chunks = audio_split.transcode_split(path, workdir, stem=path.stem or "audio", plan=plan,
-                                             max_seconds=max_total_seconds)
+        for chunk in chunks:
+            size = chunk.path.stat().st_size
+            if limits.max_bytes is not None and size > limits.max_bytes:
+                raise PermanentError(  # the plan leaves 15 % headroom, so this means a broken encoder setting
+                    f"chunk {chunk.path.name} came out at {size:,} bytes, over the {limits.max_bytes:,}-byte limit",
+                    code="audio_too_large",
+                )
+            count, total = count + 1, total + chunk.duration
+            yield AudioPart(path=chunk.path, filename=chunk.path.name, offset=chunk.offset, duration=chunk.duration)
     except (av.FFmpegError, OSError) as exc:
         raise translate_av_error(exc) from exc
-    if sum(c.duration for c in chunks) <= 0:
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
+    if total <= 0:
         raise PermanentError(f"the {info.codec} audio stream decoded to nothing", code="unsupported_audio")
-    for chunk in chunks:
-        if limits.max_bytes is not None and chunk.path.stat().st_size > limits.max_bytes:
-            raise PermanentError(  # the plan leaves 15 % headroom, so this means a broken encoder setting
-                f"chunk {chunk.path.name} came out at {chunk.path.stat().st_size:,} bytes, over the "
-                f"{limits.max_bytes:,}-byte limit",
-                code="audio_too_large",
-            )
-    log.info(
-        "audio_transcoded",
-        extra={"parts": len(chunks), "duration_s": round(info.duration, 1), "source": info.container},
-    )
-    return [AudioPart(path=c.path, filename=c.path.name, offset=c.offset, duration=c.duration) for c in chunks]
+    log.info(how, extra={"parts": count, "duration_s": round(info.duration, 1), "source": info.container,
+                         "cut_s": round(time.monotonic() - started, 3)})
 
 
 def _fits_as_is(info: AudioInfo, limits: AudioLimits) -> bool:
@@ -262,6 +324,15 @@ def _fits_as_is(info: AudioInfo, limits: AudioLimits) -> bool:
         and (limits.max_bytes is None or info.size_bytes <= limits.max_bytes)
         and (limits.max_seconds is None or info.duration <= limits.max_seconds)
     )
+
+
+def _copy_seconds(limits: AudioLimits, info: AudioInfo) -> float | None:
+    """The longest packet-copied part both limits allow at the recording's own average bitrate."""
+    candidates = [limits.max_seconds] if limits.max_seconds is not None else []
+    if limits.max_bytes is not None:
+        per_second = info.size_bytes / max(info.duration, 1e-3) * COPY_BITRATE_HEADROOM
+        candidates.append((limits.max_bytes - OGG_HEADER_BYTES) / per_second)
+    return min(candidates) if candidates else None
 
 
 def _chunk_seconds(limits: AudioLimits, duration: float) -> float | None:

@@ -1,7 +1,9 @@
-"""Streaming PCM decode and the one-pass transcode that cuts a recording into Ogg/Opus chunks.
+"""Streaming PCM decode, the cut plan, and the one-pass transcode that cuts a recording into Ogg/Opus chunks.
 
-Everything here streams: the decoder hands over 100 ms blocks of 16 kHz mono int16, and the only
-audio held in memory is the search window around the next cut (2 x `CUT_WINDOW_SECONDS`). PyAV
+Everything here streams: the decoder hands over 100 ms blocks of 16 kHz mono int16, the only audio held
+in memory is the search window around the next cut (2 x `CUT_WINDOW_SECONDS`), and each chunk is handed
+over as soon as it is closed, so it can be sent while the rest are still being encoded.
+`consumer.audio_copy` cuts by the same plan without re-encoding. PyAV
 exceptions pass through unchanged; `consumer.audio` translates them at its boundary.
 """
 
@@ -31,6 +33,9 @@ TOO_LONG_SLACK = 1.05  # decoders pad a little; only a real excess over MAX_AUDI
 HOP = RATE // 100  # the cut search slides its 100 ms frame by 10 ms
 CUT_WINDOW_SECONDS = 10.0  # search this far either side of a nominal boundary for a pause
 CUT_MARGIN_SECONDS = 1.0  # slack under max_seconds for encoder padding and rounding on the API side
+# Cut for latency no finer than this: shorter parts add boundaries (words split, context lost) and
+# requests (each with its fixed latency) for little gain.
+MIN_PART_SECONDS = 60.0
 # libopus takes 16 kHz input directly in this PyAV build (`av.codec.Codec("libopus", "w").audio_rates`
 # lists 8/12/16/24/48 kHz), so we encode at 16 kHz and skip a pointless upsample to 48 kHz; Ogg/Opus
 # always records granules at 48 kHz, and decoders output 48 kHz whatever we feed in.
@@ -193,69 +198,77 @@ class SplitPlan:
     grid: int | None  # None: one chunk, however long
     window: int
     longest: int | None  # no chunk may hold more samples than this
+    count: int = 1  # chunks the expected duration makes (one more if the audio runs longer than expected)
 
     @classmethod
-    def make(cls, *, max_seconds: float | None, expected_seconds: float) -> SplitPlan:
-        """Spread the expected duration over the fewest equal chunks that fit under max_seconds."""
+    def make(cls, *, max_seconds: float | None, expected_seconds: float, parts_hint: int = 1) -> SplitPlan:
+        """Spread the expected duration over equal chunks: the fewest under max_seconds, at least `parts_hint`.
+
+        Parts sent side by side finish together when they are equally long, so a recording is cut into
+        `parts_hint` parts (TRANSCRIBE_PARALLELISM) for latency, none shorter than `MIN_PART_SECONDS`;
+        more only where max_seconds demands it."""
+        wanted = max(1, min(parts_hint, math.floor(expected_seconds / MIN_PART_SECONDS)))
         if max_seconds is None or math.isinf(max_seconds):
-            return cls(grid=None, window=0, longest=None)
+            if wanted == 1:
+                return cls(grid=None, window=0, longest=None)
+            grid = expected_seconds / wanted
+            return cls(grid=round(grid * RATE), window=round(min(CUT_WINDOW_SECONDS, grid / 4) * RATE), longest=None,
+                       count=wanted)
         window = min(CUT_WINDOW_SECONDS, max_seconds / 8)
         longest = max_seconds - CUT_MARGIN_SECONDS
         # A cut may move `window` either way, so a chunk can be up to grid + 2 * window long.
         usable = longest - 2 * window
-        count = max(1, math.ceil(expected_seconds / usable))
+        count = max(wanted, math.ceil(expected_seconds / usable))
         grid = expected_seconds / count if count > 1 else usable
-        return cls(grid=round(grid * RATE), window=round(window * RATE), longest=math.floor(longest * RATE))
+        if count > 1:
+            window = min(window, grid / 4)
+        return cls(grid=round(grid * RATE), window=round(window * RATE), longest=math.floor(longest * RATE),
+                   count=count)
+
+    def key(self) -> str:
+        """What determines where the cuts fall, as a string: equal keys, equal parts (for one recording)."""
+        return f"grid={self.grid},window={self.window},longest={self.longest},count={self.count}"
 
 
 def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
-                    max_seconds: float | None = None) -> list[Chunk]:
-    """Decode `source` once and write 16 kHz mono Ogg/Opus chunks into `workdir`, cutting at pauses."""
+                    max_seconds: float | None = None) -> Iterator[Chunk]:
+    """Decode `source` once into 16 kHz mono Ogg/Opus chunks in `workdir`, cut at pauses; each yielded when closed."""
     queue = _Queue()
-    written: list[tuple[Path, int]] = []
-    chunk_start, boundary = 0, plan.grid
-    current = _OpusFile(workdir / f"{stem}.part{len(written):03d}.ogg")
+    written, chunk_start, boundary = 0, 0, plan.grid
+    current = _OpusFile(workdir / f"{stem}.part{written:03d}.ogg")
 
-    def cut_at(index: int) -> None:
-        nonlocal current, chunk_start
+    def cut_at(index: int) -> Chunk:
+        nonlocal current, chunk_start, written
         current.write(queue.pop_until(index))
         current.close()
-        written.append((current.path, current.samples))
-        chunk_start = index
-        current = _OpusFile(workdir / f"{stem}.part{len(written):03d}.ogg")
+        chunk = Chunk(path=current.path, offset=chunk_start / RATE, duration=current.samples / RATE)
+        chunk_start, written = index, written + 1
+        current = _OpusFile(workdir / f"{stem}.part{written:03d}.ogg")
+        return chunk
 
     try:
         for block in pcm_blocks(source, max_seconds=max_seconds):
             queue.push(block)
             while boundary is not None and queue.end >= boundary + plan.window:
                 lo = max(boundary - plan.window, chunk_start + 1)
-                cut_at(lo + quietest_point(queue.peek(lo, boundary + plan.window), boundary - lo))
+                yield cut_at(lo + quietest_point(queue.peek(lo, boundary + plan.window), boundary - lo))
                 boundary += plan.grid or 0
             hold_from = queue.end if boundary is None else boundary - plan.window
             current.write(queue.pop_until(hold_from))
         if plan.longest is not None and boundary is not None and queue.end - chunk_start > plan.longest:
             # Longer than the probe said and ended inside a search window: cut in what there is.
             lo = max(boundary - plan.window, chunk_start + 1)
-            cut_at(lo + quietest_point(queue.peek(lo, queue.end), boundary - lo))
+            yield cut_at(lo + quietest_point(queue.peek(lo, queue.end), boundary - lo))
         current.write(queue.pop_until(queue.end))
         current.close()
-        written.append((current.path, current.samples))
     except BaseException:
         current.container.close()
         raise
-    return _as_chunks(written, stem, source)
-
-
-def _as_chunks(written: list[tuple[Path, int]], stem: str, source: Path) -> list[Chunk]:
-    if written and written[-1][1] == 0 and len(written) > 1:  # ended exactly on a cut
-        written[-1][0].unlink()
-        written.pop()
-    single = written[0][0].with_name(f"{stem}.ogg")
-    if len(written) == 1 and single != source:  # a single file needs no part number
-        written[0][0].replace(single)
-        written = [(single, written[0][1])]
-    chunks, offset = [], 0
-    for path, samples in written:
-        chunks.append(Chunk(path=path, offset=offset / RATE, duration=samples / RATE))
-        offset += samples
-    return chunks
+    path = current.path
+    if current.samples == 0 and written:  # ended exactly on a cut
+        path.unlink()
+        return
+    single = path.with_name(f"{stem}.ogg")
+    if not written and single != source:  # a single file needs no part number
+        path = path.replace(single)
+    yield Chunk(path=path, offset=chunk_start / RATE, duration=current.samples / RATE)

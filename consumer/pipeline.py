@@ -39,7 +39,7 @@ from consumer.errors import ConsumerError, InvalidMessageError, PermanentError, 
 from consumer.jobrecord import JobRecord, State
 from consumer.models import CallbackPayload, ErrorInfo, JobMessage, Timings, Transcript
 from consumer.records import ClaimLostError, JobHandle, RecordStore, claim
-from consumer.transcribe import AudioPart, Transcriber, transcribe_parts
+from consumer.transcribe import Transcriber, transcribe_parts
 from consumer.validate import parse_job
 
 if TYPE_CHECKING:
@@ -227,25 +227,27 @@ class Pipeline:
                 info = audio.probe(path, max_seconds=limit)
                 audio.check_limits(info, max_bytes=self.settings.max_audio_bytes, max_seconds=limit)
                 speech = audio.has_speech(path, info, max_seconds=limit)
-                parts = audio.prepare(path, info, self.transcriber.limits, jobdir,
-                                      max_total_seconds=limit) if speech else []
+                # Lazy: the parts are cut while the first ones are sent, in the transcribe stage.
+                cut = audio.cut(path, info, self.transcriber.limits, jobdir, max_total_seconds=limit,
+                                parts_hint=self.settings.transcribe_parallelism) if speech else None
             with self._stage(attempt, "transcribe"):
-                if not speech:
+                if cut is None:
                     transcript = Transcript(text="", duration_seconds=info.duration, no_speech=True)
                 else:
                     self.gate.wait()
-                    transcript = self._call_transcriber(job, parts, handle, audio_etag=obj.etag)
+                    transcript = self._call_transcriber(job, cut, handle, audio_etag=obj.etag)
         finally:
             shutil.rmtree(jobdir, ignore_errors=True)
         with self._stage(attempt, "store"):
             handle.save(lambda r: r.completing(transcript, model=self.transcriber.model, audio_etag=obj.etag))
         return transcript
 
-    def _call_transcriber(self, job: JobMessage, parts: list[AudioPart], handle: JobHandle, *,
+    def _call_transcriber(self, job: JobMessage, cut: audio.Cut, handle: JobHandle, *,
                           audio_etag: str) -> Transcript:
         """Transcribe the parts not yet paid for, storing each as it arrives (one part: nothing to store)."""
-        # The cut is deterministic for one recording, model and limits: the plan names it.
-        plan = "|".join([audio_etag, self.transcriber.model, *(f"{p.offset:.3f}+{p.duration}" for p in parts)])
+        # Known before any part is cut: the cut is deterministic for one recording (its ETag), model,
+        # limits and cut algorithm, which `cut.plan` names, so part i is the same audio on every retry.
+        plan = "|".join([audio_etag, self.transcriber.model, cut.plan])
         record = handle.record
         known = {int(i): t for i, t in record.parts.items()} if record.plan == plan else {}
 
@@ -253,9 +255,9 @@ class Pipeline:
             handle.save(lambda r: r.with_part(plan, audio_etag, index, transcript))
 
         try:
-            return transcribe_parts(self.transcriber, parts, language=job.language, prompt=job.prompt,
+            return transcribe_parts(self.transcriber, cut.parts, language=job.language, prompt=job.prompt,
                                     parallelism=self.settings.transcribe_parallelism, known=known,
-                                    on_part=keep if len(parts) > 1 else None)
+                                    on_part=keep if cut.count > 1 else None)
         except RetryableError as exc:
             if exc.code == "rate_limited":
                 self.gate.pause(exc.delay)

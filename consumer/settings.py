@@ -117,7 +117,12 @@ class Settings(BaseSettings):
         1, ge=0, le=5, description="SDK retries per attempt; they stack with SQS redelivery."
     )
     transcribe_timeout: float = Field(600, gt=0, description="Seconds one transcription request may take.")
-    transcribe_parallelism: int = Field(4, ge=1, le=16, description="Chunks of one recording sent at once.")
+    transcribe_parallelism: int = Field(
+        8, ge=1, le=16, description="Parts of one recording sent at once; a long one is cut into this many."
+    )
+    transcribe_max_requests: int = Field(
+        16, ge=1, le=256, description="Transcription requests in flight at once, all jobs together."
+    )
     whisper_model: str = Field("base", description="faster-whisper model name or CTranslate2 directory.")
     whisper_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the local model runs.")
     whisper_compute_type: str | None = Field(None, description="Default int8 on CPU, float16 on CUDA.")

@@ -7,8 +7,10 @@ The backends live beside it: `transcribe_openai.py` (the OpenAI API or a compati
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -74,6 +76,66 @@ def build_transcriber(settings: Settings) -> Transcriber:
                              response_format=settings.transcribe_response_format)
 
 
+# ------------------------------------------------------------------------------ requests shared by all jobs
+
+
+class RequestSlots:
+    """A semaphore that serves waiters first come, first served.
+
+    `threading.Semaphore` lets a thread that releases a slot take it straight back, so the next part of
+    a long recording could win over a short job that has been waiting; here a released slot goes to the
+    longest waiter."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._waiters: deque[threading.Event] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # set by release(), which hands its slot over
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._free += 1
+
+    def __enter__(self) -> RequestSlots:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class SharedTranscriber:
+    """A Transcriber whose requests, from every job of the process, hold one of `slots` while they run.
+
+    TRANSCRIBE_PARALLELISM bounds the parts of one job in flight; this bounds them all (TRANSCRIBE_MAX_REQUESTS),
+    so the upstream's rate limit and this host's uplink see a bounded load, and a long recording's parts
+    queue behind a short job's request instead of ahead of it (`RequestSlots` is first come, first served)."""
+
+    def __init__(self, inner: Transcriber, slots: RequestSlots) -> None:
+        self.inner = inner
+        self.slots = slots
+        self.model = inner.model
+        self.limits = inner.limits
+        self.supports_prompt = inner.supports_prompt
+        self.source = inner.source
+
+    def transcribe(self, part: AudioPart, *, language: str | None, prompt: str | None) -> Transcript:
+        with self.slots:
+            return self.inner.transcribe(part, language=language, prompt=prompt)
+
+
 # ------------------------------------------------------------------------------ chunks and stitching
 
 PROMPT_TAIL_CHARS = 200
@@ -81,7 +143,7 @@ PROMPT_TAIL_CHARS = 200
 
 def transcribe_parts(
     transcriber: Transcriber,
-    parts: Sequence[AudioPart],
+    parts: Iterable[AudioPart],
     *,
     language: str | None,
     prompt: str | None,
@@ -89,40 +151,67 @@ def transcribe_parts(
     known: Mapping[int, Transcript] | None = None,
     on_part: Callable[[int, Transcript], None] | None = None,
 ) -> Transcript:
-    """Transcribe every part not `known` yet (bounded parallelism) and stitch them all in order.
+    """Transcribe every part not `known` yet (at most `parallelism` at once) and stitch them all in order.
 
-    `on_part(index, transcript)` runs as each part arrives, in the thread that got it, so a part already
-    paid for is kept (the job's record) even when another part fails. With parallelism 1 and a model that
-    takes prompts, each part is prompted with the end of the previous part's text; in parallel the parts
-    cannot wait for each other, so only the job's prompt is sent.
+    `parts` may still be being cut: each part is sent as soon as the iterable yields it, while the next
+    is cut. `on_part(index, transcript)` runs as each part arrives, in the thread that got it, so a part
+    already paid for is kept (the job's record) even when another part fails. With parallelism 1 and a
+    model that takes prompts, each part is prompted with the end of the previous part's text; in parallel
+    the parts cannot wait for each other, so only the job's prompt is sent.
     """
     results: dict[int, Transcript] = dict(known or {})
+    seen: list[AudioPart] = []
 
-    def one(index: int, chained: str | None) -> Transcript:
-        transcript = transcriber.transcribe(parts[index], language=language, prompt=chained)
+    def one(index: int, part: AudioPart, chained: str | None) -> Transcript:
+        transcript = transcriber.transcribe(part, language=language, prompt=chained)
         if on_part is not None:
             on_part(index, transcript)
         return transcript
 
-    todo = [i for i in range(len(parts)) if i not in results]
-    if parallelism <= 1 or len(todo) <= 1 or not transcriber.supports_prompt:
-        for i in todo:
-            chained = prompt
-            if i - 1 in results and transcriber.supports_prompt:
-                chained = results[i - 1].text[-PROMPT_TAIL_CHARS:] or prompt
-            results[i] = one(i, chained)
-    else:
-        ex = ThreadPoolExecutor(max_workers=min(parallelism, len(todo)), thread_name_prefix="chunk")
-        try:
-            futures = {i: ex.submit(one, i, prompt) for i in todo}
-            results.update((i, f.result()) for i, f in futures.items())
-        finally:
-            # One failed part fails the attempt: parts not yet sent are not sent (nor paid for); those on
-            # the wire finish and are kept by on_part.
-            ex.shutdown(wait=True, cancel_futures=True)
-    if len(parts) == 1:
+    source = iter(parts)
+    try:
+        if parallelism <= 1:
+            _in_turn(source, seen, results, one, prompt=prompt, chain=transcriber.supports_prompt)
+        else:
+            _side_by_side(source, seen, results, one, prompt=prompt, parallelism=parallelism)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:  # stop cutting: a generator's files are closed, its work dir stays ours
+            close()
+    if len(seen) == 1:
         return results[0]
-    return stitch(parts, [results[i] for i in range(len(parts))])
+    return stitch(seen, [results[i] for i in range(len(seen))])
+
+
+def _in_turn(source: Iterator[AudioPart], seen: list[AudioPart], results: dict[int, Transcript],
+             one: Callable[[int, AudioPart, str | None], Transcript], *, prompt: str | None, chain: bool) -> None:
+    for index, part in enumerate(source):
+        seen.append(part)
+        if index in results:
+            continue
+        chained = prompt
+        if chain and index - 1 in results:
+            chained = results[index - 1].text[-PROMPT_TAIL_CHARS:] or prompt
+        results[index] = one(index, part, chained)
+
+
+def _side_by_side(source: Iterator[AudioPart], seen: list[AudioPart], results: dict[int, Transcript],
+                  one: Callable[[int, AudioPart, str | None], Transcript], *, prompt: str | None,
+                  parallelism: int) -> None:
+    ex = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="chunk")
+    futures: dict[int, Future[Transcript]] = {}
+    try:
+        for index, part in enumerate(source):
+            seen.append(part)
+            if any(f.done() and f.exception() for f in futures.values()):
+                break  # a part failed: the attempt fails, so cutting (and paying for) more is wasted
+            if index not in results:
+                futures[index] = ex.submit(one, index, part, prompt)
+        results.update((i, f.result()) for i, f in futures.items())
+    finally:
+        # One failed part fails the attempt: parts not yet sent are not sent (nor paid for); those on
+        # the wire finish and are kept by on_part.
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def stitch(parts: Sequence[AudioPart], results: Sequence[Transcript]) -> Transcript:
