@@ -23,6 +23,8 @@ PyAV exceptions pass through; `consumer.audio` translates them at its boundary.
 from __future__ import annotations
 
 import math
+import os
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -128,18 +130,50 @@ def _opus_pre_skip(extradata: bytes | None) -> int:
 
 
 def measure_wav_to_end(path: str, *, max_seconds: float | None, header: float | None) -> float:
-    """A WAV's length read to the end of the file, past whatever its data chunk's size says."""
+    """A WAV's length read to the end of the file, past whatever its data chunk's size says, unless what
+    follows the declared data is a well-formed chain of RIFF chunks (metadata), which is not audio."""
     # The wav demuxer's `ignore_length` (libavformat/wavdec.c; documented in ffmpeg-devel PR #23414:
     # "keep reading until the end of the file ... will misinterpret files with non-audio chunks after the
     # data chunk"). Without it FFmpeg stops at the declared size (observed with PyAV 18 / FFmpeg 8), so a
     # size saying 10 s hides the rest from us, not necessarily from a server that reads the bytes. Sizes
-    # of 0 and 0xFFFFFFFF (streaming writers) are read to the end either way. A trailing LIST chunk
-    # counts as a few milliseconds of audio here: harmless for a limit.
-    with av.open(path, metadata_errors="ignore", options={"ignore_length": "1"}) as container:
+    # of 0 and 0xFFFFFFFF (streaming writers) are read to the end either way. A legitimate file may carry
+    # LIST, id3, bext or iXML chunks after `data` (a megabyte of cover art reads as ~30 s of audio), so the
+    # declared size is believed when the bytes after it are exactly such a chain up to the end of the file.
+    options = {} if _chunks_after_data_are_metadata(path) else {"ignore_length": "1"}
+    with av.open(path, metadata_errors="ignore", options=options) as container:
         stream = container.streams.best("audio")
         if stream is None:
             return 0.0
         return measure(container, stream, name="wav", max_seconds=max_seconds, header=header).seconds
+
+
+RIFF_CHUNK = struct.Struct("<4sI")  # RIFF chunk header: a four-character id, a little-endian size
+
+
+def _chunks_after_data_are_metadata(path: str) -> bool:
+    """True when the `data` chunk's declared size ends where a well-formed chain of RIFF chunks (printable
+    four-character ids, sizes within the file, padded to even) begins and runs exactly to the end of the
+    file: the size is honest. Audio bytes past a size that lies do not form such a chain."""
+    with open(path, "rb") as fh:
+        end = os.fstat(fh.fileno()).st_size
+        if fh.read(12)[8:12] != b"WAVE":
+            return False
+        pos = 12
+        found_data = False
+        while pos + RIFF_CHUNK.size <= end:
+            fh.seek(pos)
+            ident, size = RIFF_CHUNK.unpack(fh.read(RIFF_CHUNK.size))
+            if not all(0x20 <= b <= 0x7E for b in ident):
+                return False
+            if ident == b"data":
+                if size in (0, 0xFFFFFFFF):
+                    return False  # a streaming writer's placeholder: the audio runs to the end
+                found_data = True
+            nxt = pos + RIFF_CHUNK.size + size + (size & 1)
+            if nxt > end + 1:  # a chunk running past the end (a pad byte may be missing at the very end)
+                return False
+            pos = nxt
+        return found_data and end - pos in (0, -1)
 
 
 def too_long(max_seconds: float, *, header: float | None) -> PermanentError:

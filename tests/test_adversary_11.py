@@ -161,8 +161,6 @@ def test_the_local_backend_never_decodes_more_than_its_part_limit_from_a_two_str
         assert decoded <= MAX_PART_SECONDS, f"{part.filename}: faster-whisper decodes {decoded:.0f} s"
 
 
-@pytest.mark.xfail(strict=True, reason="measure_wav_to_end reads chunks after `data` as audio: a legitimate "
-                   "WAV with a large trailing chunk is refused as audio_too_long")
 def test_a_wav_with_metadata_after_its_data_is_not_refused_as_too_long(tmp_path):
     """Sequence: a 50 s WAV, MAX_AUDIO_SECONDS 60, with a 1 MB `id3 ` chunk after the `data` chunk (tags
     and cover art that recorders and editors append after the audio; RIFF allows any chunk there). The
