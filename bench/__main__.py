@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import audio_prep, latency, memory, peer, report, sqs_requests, throughput
+from bench import audio_prep, latency, long_calls, memory, peer, report, speech, sqs_requests, throughput
 from bench.common import Bench
 from bench.stack import CLK_TCK, ROOT, proc_cpu_seconds
 
@@ -30,8 +30,10 @@ BENCHMARKS: dict[str, tuple[Callable[[Bench], dict[str, Any]], str]] = {
     "latency": (latency.run, "4. enqueue-to-callback overhead, one at a time and at 80 % load"),
     "memory": (memory.run, "5. daemon peak RSS on 10, 100 and 500 MB recordings"),
     "audio_speed": (audio_prep.speed, "6. audio prepared per CPU second, against the ffmpeg CLI"),
-    "long_recording": (audio_prep.long_recording, "7. a 60-min recording's chunks in parallel vs in sequence"),
+    "long_recording": (long_calls.run, "7. a 60-min WebM/Opus call through the daemon: wall time against its bound"),
     "peer": (peer.run, "8. against bbc/sqs-consumer on the same stack: the issue 15 table as ours/peer ratios"),
+    "quality": (speech.quality, "9. local Whisper word error rate, a 4-minute reading whole vs cut into 60 s parts"),
+    "local_rtf": (speech.local_rtf, "10. local faster-whisper real-time factor for 1, 10 and 30 minutes"),
 }
 RESULTS = ROOT / "bench" / "results"
 

@@ -1,6 +1,6 @@
-"""Items 6 and 7: audio preparation speed against the ffmpeg CLI, and a 60-minute recording's chunks in parallel.
+"""Item 6: audio preparation speed against the ffmpeg CLI (item 7, long recordings, is bench/long_calls.py).
 
-Both use one hour of 16 kHz mono 16-bit WAV (115 MB: over the 25 MB request limit and the model's
+It uses one hour of 16 kHz mono 16-bit WAV (115 MB: over the 25 MB request limit and the model's
 1400 s, so `consumer.audio.prepare` transcodes it to Ogg/Opus and cuts it at pauses; WAV is also taken
 off the accepted formats so that --quick's 30 minutes are transcoded too). The prepare
 stage runs in a spawned child process so its CPU time is its own; ffmpeg's comes from getrusage.
@@ -17,16 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import openai
-
 from bench.common import Bench, figure
 from bench.stack import ROOT, write_wav
-from consumer.transcribe import API_FORMATS, AudioLimits, AudioPart, transcribe_parts
+from consumer.transcribe import API_FORMATS, AudioLimits
 from consumer.transcribe_openai import OpenAITranscriber
 
 HOUR = 3600.0
 MODEL = "gpt-transcribe"
-CHUNK_LATENCY = 2.0
 FFMPEG = ["-ac", "1", "-ar", "16000", "-c:a", "libopus", "-b:a", "24k"]
 # The same encoder settings as consumer.audio_split (voip application, constrained VBR).
 FFMPEG_MATCHED = [*FFMPEG, "-application", "voip", "-vbr", "constrained"]
@@ -145,41 +142,3 @@ def speed(b: Bench) -> dict[str, Any]:
     return {"title": "Audio preparation speed", "headline": round(pyav_speed, 1),
             "config": {"input": f"{seconds / 60:.0f} min WAV, 16 kHz mono 16-bit", "model_limits": MODEL},
             **row, "figures": figures}
-
-
-def long_recording(b: Bench) -> dict[str, Any]:
-    """transcribe_parts over the hour's prepared chunks, 2 s per request, parallelism 1 against 4."""
-    prep = prepare_hour(b)
-    parts = [AudioPart(path=Path(p), filename=f, offset=o, duration=d) for p, f, o, d in prep["parts"]]
-    client = openai.OpenAI(api_key="sk-bench-not-a-key", base_url=b.openai.base_url, max_retries=0, timeout=60)
-    transcriber = OpenAITranscriber(client, model=MODEL)
-    b.openai.latency = CHUNK_LATENCY
-    walls = {}
-    try:
-        for parallelism in (1, 4):
-            t0 = time.perf_counter()
-            transcript = transcribe_parts(transcriber, parts, language=None, prompt=None, parallelism=parallelism)
-            walls[parallelism] = time.perf_counter() - t0
-            b.say(f"long: {len(parts)} chunks at TRANSCRIBE_PARALLELISM={parallelism}: {walls[parallelism]:.2f} s "
-                  f"({len(transcript.segments)} segments, {transcript.duration_seconds:.0f} s)")
-    finally:
-        b.openai.latency = 0.0
-    ratio = walls[1] / walls[4]
-    ideal = len(parts) / -(-len(parts) // 4)
-    return {"title": "Long recordings", "headline": round(ratio, 2),
-            "config": {"audio_s": round(prep["duration_s"], 1), "model_limits": MODEL, "parts": len(parts),
-                       "per_request_latency_s": CHUNK_LATENCY},
-            "prepare_wall_s": round(prep["wall_s"], 2),
-            "transcribe_wall_s": {str(k): round(v, 2) for k, v in walls.items()},
-            "end_to_end_s": {str(k): round(prep["wall_s"] + v, 2) for k, v in walls.items()},
-            "figures": [
-                figure("transcribe wall, chunks one after another (=1)", round(walls[1], 2), "s", key="wall_p1"),
-                figure("transcribe wall, chunks in parallel (=4)", round(walls[4], 2), "s", key="wall_p4"),
-                figure("speed-up parallel / sequential", round(ratio, 2), "x",
-                       target=f"~ {ideal:.2g} (the {len(parts)} chunks allow at most that)",
-                       met=ratio >= 0.9 * ideal, key="parallel_ratio"),
-                figure("prepare + transcribe, parallel", round(prep["wall_s"] + walls[4], 2), "s",
-                       key="end_to_end_p4"),
-                figure("prepare + transcribe, sequential", round(prep["wall_s"] + walls[1], 2), "s",
-                       key="end_to_end_p1"),
-            ]}
