@@ -120,6 +120,10 @@ class AudioInfo:
     size_bytes: int
     api_format: str | None  # the transcription API's name for this format; None: it must be transcoded
     header_duration: float | None = None  # what the header claims, for logs and messages; None: nothing
+    # Audio streams in the file. With more than one, the original is never sent as it is: which stream a
+    # server decodes is its choice (faster-whisper decodes the first, FFmpeg's best may be another), so only
+    # the stream measured here, taken out of the file, is sent.
+    audio_streams: int = 1
 
 
 def probe(path: Path, *, max_seconds: float | None = None) -> AudioInfo:
@@ -177,6 +181,7 @@ def _probe_open(container: Any, size: int, *, max_seconds: float | None) -> Audi
         size_bytes=size,
         api_format=api_format,
         header_duration=header,
+        audio_streams=len(container.streams.audio),
     )
 
 
@@ -321,6 +326,7 @@ def _fits_as_is(info: AudioInfo, limits: AudioLimits) -> bool:
     return (
         format_ok
         and not info.has_video
+        and info.audio_streams == 1
         and (limits.max_bytes is None or info.size_bytes <= limits.max_bytes)
         and (limits.max_seconds is None or info.duration <= limits.max_seconds)
     )

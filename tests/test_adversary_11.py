@@ -136,8 +136,6 @@ def two_stream_webm(path: Path, *, first: int, best: int) -> Path:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="the probe measures the best audio stream, faster-whisper decodes "
-                   "stream 0: a second stream bypasses MAX_AUDIO_SECONDS and the local part limit")
 def test_the_local_backend_never_decodes_more_than_its_part_limit_from_a_two_stream_file(tmp_path):
     """Sequence: a recording with two audio streams, stream 0 holding 330 s (in a real attack: hours)
     and stream 1, flagged default, 5 s. `audio.probe` measures `streams.best("audio")`, stream 1: 5 s,
