@@ -220,10 +220,10 @@ def test_alerts_are_documented_in_the_runbook_table() -> None:
 
 
 def test_dashboard_shows_the_release_that_runs() -> None:
-    """The deployed tag (sidecar_build_info's release label), with the package version beside it."""
+    """The deployed tag (sidecar_build_info's version label), with the package version beside it."""
     panels = [p for p in _dashboard()["panels"] if any("sidecar_build_info" in t.get("expr", "")
                                                        for t in p.get("targets", []))]
     [panel] = panels
     assert panel["type"] == "stat" and panel["options"]["textMode"] == "name"  # the legend is the text shown
     [target] = panel["targets"]
-    assert "{{release}}" in target["legendFormat"] and "{{version}}" in target["legendFormat"]
+    assert "{{version}}" in target["legendFormat"] and "{{package_version}}" in target["legendFormat"]
