@@ -333,3 +333,127 @@ def test_decoded_length_is_bounded_whatever_the_header_says(tmp_path):
     with pytest.raises(PermanentError) as err:
         audio_mod.prepare(src, lying, AudioLimits(max_bytes=None, formats=frozenset()), tmp_path, max_total_seconds=1.0)
     assert err.value.code == "audio_too_long"
+
+
+# ------------------------------------------------------------------ cut by packet copy, for latency
+
+# Recordings whose codec the API takes: Chrome's MediaRecorder (WebM/Opus, written live: no length in the
+# header) and Firefox's (Ogg/Opus), at 48 kHz as a browser records.
+COPIED = {"webm": ("webm", "libopus", 48_000, {"live": "1"}), "ogg": ("ogg", "libopus", 48_000, {})}
+
+
+def write_browser_recording(path: Path, talks: list[tuple[float, float]], *, seconds: float, fmt: str,
+                            codec: str, rate: int, options: dict[str, str]) -> None:
+    """`speechlike` audio encoded as a browser would, streamed to disk a second at a time."""
+    with av.open(str(path), "w", format=fmt, options=options) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        stream.bit_rate = 32_000
+        written = 0
+        for block in speechlike(talks, seconds, seed=5):
+            upsampled = block[np.arange(len(block) * rate // RATE) * RATE // rate]
+            frame = av.AudioFrame.from_ndarray(upsampled.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, written
+            written += len(upsampled)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+@pytest.fixture(scope="module")
+def browser_recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Recording]:
+    seconds = 600.0
+    talks, pauses = talk_plan(seconds, seed=11)
+    folder = tmp_path_factory.mktemp("browser")
+    made = {}
+    for ext, (fmt, codec, rate, options) in COPIED.items():
+        path = folder / f"call.{ext}"
+        write_browser_recording(path, talks, seconds=seconds, fmt=fmt, codec=codec, rate=rate, options=options)
+        made[ext] = Recording(path, seconds, pauses)
+    return made
+
+
+def decoded_seconds(path: Path) -> float:
+    """What a decoder makes of the file: every sample it outputs, counted."""
+    with av.open(str(path)) as container:
+        return sum(frame.samples / frame.sample_rate for frame in container.decode(audio=0))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ext", sorted(COPIED))
+def test_a_codec_the_api_takes_is_cut_by_packet_copy_at_pauses(ext: str, browser_recordings: dict[str, Recording],
+                                                              tmp_path: Path) -> None:
+    from tests.stack.openai_stub import TranscriptionRequest, check
+
+    recording = browser_recordings[ext]
+    info = probe(recording.path)
+    cut = audio.cut(recording.path, info, AudioLimits(max_seconds=1260), tmp_path, parts_hint=8)
+    parts = list(cut.parts)
+    assert cut.plan.startswith(f"{audio.CUT_VERSION}:copy:") and cut.count == len(parts) == 8
+    assert [p.filename for p in parts] == [f"call.part{i:03d}.{ext}" for i in range(8)]
+    offset = 0.0
+    for part in parts:
+        out = probe(part.path)
+        # The same codec in the same container, not a re-encode: the API takes it as what its name says.
+        assert (out.container, out.codec, out.api_format) == (info.container, info.codec, ext)
+        assert out.sample_rate == info.sample_rate
+        request = TranscriptionRequest({"model": "gpt-4o-transcribe"}, {}, part.filename, part.path.read_bytes())
+        assert check(request) is None, part.filename
+        # Each part decodes to what the cut says it holds, and starts where the previous one ended.
+        assert part.duration == pytest.approx(decoded_seconds(part.path), abs=0.03)
+        assert part.offset == pytest.approx(offset, abs=0.03)
+        offset = part.offset + (part.duration or 0.0)
+        window = audio_split.CUT_WINDOW_SECONDS  # a nominal 75 s, moved at most a window either way at each end
+        assert 75 - 2 * window <= (part.duration or 0.0) <= 75 + 2 * window
+    assert sum(decoded_seconds(p.path) for p in parts) == pytest.approx(decoded_seconds(recording.path), abs=0.1)
+    for part in parts[1:]:  # every cut falls in a pause between utterances (packets are 20 ms)
+        assert any(a + 0.03 <= part.offset <= b - 0.03 for a, b in recording.pauses), part.offset
+
+
+@pytest.mark.timeout(120)
+def test_the_cut_is_the_same_every_time(browser_recordings: dict[str, Recording], tmp_path: Path) -> None:
+    """A retry sends only the parts still missing, by index: index i must be the same audio every time."""
+    recording = browser_recordings["webm"]
+    runs = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        cut = audio.cut(recording.path, probe(recording.path), API, tmp_path / run, parts_hint=6)
+        parts = list(cut.parts)
+        runs.append((cut.plan, [(p.filename, p.offset, p.duration, packets(p.path)) for p in parts]))
+    assert runs[0] == runs[1] and len(runs[0][1]) == 6
+
+
+def packets(path: Path) -> list[bytes]:
+    """The audio a file holds, packet by packet (a muxer's own header, e.g. a Matroska segment UID, aside)."""
+    with av.open(str(path)) as container:
+        return [bytes(p) for p in container.demux(audio=0) if p.size]
+
+
+def test_parts_are_handed_over_while_the_rest_are_cut(browser_recordings: dict[str, Recording],
+                                                      tmp_path: Path) -> None:
+    recording = browser_recordings["webm"]
+    cut = audio.cut(recording.path, probe(recording.path), API, tmp_path, parts_hint=4)
+    first = next(cut.parts)
+    assert first.path.exists() and first.offset == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["call.part000.webm"]  # the rest not cut yet
+    assert len([first, *cut.parts]) == 4
+
+
+@pytest.mark.parametrize(("seconds", "hint", "cap", "count"), [
+    (3600, 8, 1260, 8),  # an hour: eight parts side by side, not the three the model's cap needs
+    (3600, 2, 1260, 3),  # the cap still rules: parts of 30 minutes would be refused
+    (300, 8, 1260, 5),  # none under a minute
+    (90, 8, 1260, 1),  # too short to gain anything: sent as it is
+    (3600, 8, None, 8),  # no cap (whisper-1): cut for latency all the same
+])
+def test_part_count_is_chosen_for_latency(seconds: float, hint: int, cap: float | None, count: int) -> None:
+    plan = audio_split.SplitPlan.make(max_seconds=cap, expected_seconds=seconds, parts_hint=hint)
+    assert plan.count == count
+    if count > 1:
+        assert plan.grid == pytest.approx(seconds / count * RATE, abs=1)
+        assert plan.window <= (plan.grid or 0) / 4
+
+
+def test_a_short_recording_the_api_takes_goes_as_it_is_whatever_the_hint(tmp_path: Path) -> None:
+    info = probe(FIXTURES / "chrome.webm")
+    cut = audio.cut(FIXTURES / "chrome.webm", info, API, tmp_path, parts_hint=8)
+    assert cut.count == 1 and [p.path for p in cut.parts] == [FIXTURES / "chrome.webm"]
