@@ -3,14 +3,17 @@ replies, refusals of our own parameters, the error tables, and stitching."""
 
 from __future__ import annotations
 
+import threading
+
 import openai
 import pytest
 
 from consumer.errors import PermanentError, RetryableError
 from consumer.models import Segment, Transcript
-from consumer.transcribe import AudioPart, stitch, transcribe_parts
+from consumer.transcribe import AudioPart, RequestSlots, SharedTranscriber, stitch, transcribe_parts
 from consumer.transcribe_openai import OpenAITranscriber
 from tests.conftest import SPEECH
+from tests.stack import wait_for
 from tests.stack.openai_stub import Reply, audio_duration, error
 
 SECONDS = audio_duration(SPEECH.read_bytes())
@@ -167,3 +170,53 @@ def test_each_backend_names_its_sidecar_transcriptions_source(openai_stub):
     client = openai.OpenAI(api_key="sk-x", base_url=openai_stub.base_url)
     assert OpenAITranscriber(client, model="gpt-transcribe").source == "api"
     assert LocalWhisperTranscriber.source == "local"
+
+
+def test_parts_are_sent_while_the_rest_are_still_being_cut(openai_stub):
+    """The cut hands over part 0 and then waits for its request to reach the stand-in: only streaming passes."""
+    order: list[str] = []
+    openai_stub.on_request = lambda request: order.append(f"sent {request.filename}")
+
+    def slow_cut():
+        for i in range(4):
+            order.append(f"cut c{i}.wav")
+            yield AudioPart(SPEECH, f"c{i}.wav", offset=i * SECONDS, duration=SECONDS)
+            if i == 0:  # a slow cut: the next part comes only once the first is on the wire
+                wait_for(openai_stub.count, timeout=10, what="part 0 sent before part 1 is cut")
+
+    t = transcribe_parts(backend(openai_stub), slow_cut(), language=None, prompt=None, parallelism=4)
+    assert order.index("sent c0.wav") < order.index("cut c1.wav") < order.index("cut c3.wav")
+    assert [s.start for s in t.segments] == [i * SECONDS for i in range(4)]
+
+
+def test_request_slots_are_first_come_first_served():
+    """A slot given back goes to the longest waiter, not to the thread that gave it back and asks again."""
+    slots = RequestSlots(1)
+    slots.acquire()
+    got: list[str] = []
+
+    def take(name: str) -> None:
+        with slots:
+            got.append(name)
+
+    first = threading.Thread(target=take, args=("first waiter",))
+    first.start()
+    wait_for(lambda: slots._waiters, timeout=5, what="a waiter queued")
+    slots.release()
+    take("the releaser again")  # would barge in with threading.Semaphore
+    first.join(5)
+    assert got == ["first waiter", "the releaser again"]
+
+
+def test_shared_transcriber_bounds_requests_of_all_callers(openai_stub):
+    openai_stub.latency = 0.3
+    shared = SharedTranscriber(backend(openai_stub), RequestSlots(2))
+    parts = [AudioPart(SPEECH, f"c{i}.wav", offset=i * SECONDS, duration=SECONDS) for i in range(3)]
+    jobs = [threading.Thread(target=transcribe_parts, args=(shared, parts),
+                             kwargs={"language": None, "prompt": None, "parallelism": 3}) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(30)
+    assert openai_stub.count() == 6 and openai_stub.peak_in_flight == 2
+    assert (shared.model, shared.limits, shared.source) == ("gpt-transcribe", shared.inner.limits, "api")

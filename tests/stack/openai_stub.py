@@ -262,6 +262,8 @@ class OpenAIStub:
         self.latency = 0.0  # seconds every unscripted answer waits
         self.latency_per_audio_second = 0.0  # plus this much per second of the audio received (0: off)
         self.on_request: Callable[[TranscriptionRequest], None] | None = None
+        self.in_flight = 0  # transcription requests being answered now
+        self.peak_in_flight = 0  # the most ever answered at once
         self.lock = threading.Lock()
         self.release = threading.Event()  # set to cut every pending delay short (test teardown)
         self.lists_models = True  # False: GET /models answers 404, as faster-whisper-server does
@@ -321,6 +323,16 @@ class OpenAIStub:
             self.requests.append(request)
             scripted = self.script.popleft() if self.script else None
             latency, per_second = self.latency, self.latency_per_audio_second
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return self._answer(request, scripted, latency, per_second)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _answer(self, request: TranscriptionRequest, scripted: Reply | None, latency: float,
+                per_second: float) -> tuple[int, dict[str, Any], dict[str, str]]:
         if scripted is not None:
             reply = scripted
         elif per_second:  # the audio's length, measured from its packets as check() did
