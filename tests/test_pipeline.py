@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from consumer.transcribe_openai import OpenAITranscriber
 from tests.conftest import send_job, upload
 from tests.stack import wait_for
-from tests.stack.openai_stub import audio_duration
+from tests.stack.openai_stub import Reply, audio_duration
 
 AUDIO = Path(__file__).resolve().parent / "fixtures" / "audio"
 
@@ -120,3 +121,77 @@ def test_long_recording_is_split_and_stitched(run_daemon, aws, openai_stub, word
     assert starts == sorted(starts) and len(segments) == segments_per_part * len(requests)
     assert segments[-1]["end"] <= body["transcript"]["duration_seconds"] + 0.05
     assert body["transcript"]["duration_seconds"] == pytest.approx(75, abs=0.5)
+
+
+def _capped_backend(stub, model: str = "gpt-transcribe") -> OpenAITranscriber:
+    """A model that takes 30 s a request, so 75 s recordings are cut in four parts."""
+    client = openai.OpenAI(api_key="sk-test", base_url=stub.base_url, max_retries=0)
+    backend = OpenAITranscriber(client, model=model)
+    backend.limits = dataclasses.replace(backend.limits, max_seconds=30.0)
+    return backend
+
+
+@pytest.mark.timeout(120)
+def test_the_first_part_is_sent_before_the_last_is_cut(run_daemon, aws, openai_stub, wordpress, tmp_path,
+                                                       monkeypatch):
+    """A slow cut: each part after the first is closed only once a request reached the stand-in (or after
+    10 s). Cutting everything before sending anything would put every cut before the first request."""
+    from consumer import audio_copy
+
+    path = tmp_path / "long.webm"
+    _long_recording(path, 75)
+    upload(aws, "audio/long.webm", path)
+    events: list[tuple[str, str]] = []
+    openai_stub.on_request = lambda request: events.append(("sent", request.filename))
+    close = audio_copy._Part.close
+
+    def slow_close(part: audio_copy._Part) -> None:
+        if not part.path.name.endswith("part000.webm"):
+            with contextlib.suppress(AssertionError):
+                wait_for(openai_stub.count, timeout=10, what="a request before the next part is closed")
+        close(part)
+        events.append(("cut", part.path.name))
+
+    monkeypatch.setattr(audio_copy._Part, "close", slow_close)
+    send_job(aws, "slow-cut", "audio/long.webm")
+    run_daemon(transcriber=_capped_backend(openai_stub), transcribe_parallelism=4)
+    [body] = wait_for(lambda: wordpress.terminal("slow-cut"), timeout=90, what="callback")
+    assert body["status"] == "completed"
+    cuts = [name for kind, name in events if kind == "cut"]
+    assert len(cuts) == 4 and cuts == sorted(cuts)
+    assert events.index(("sent", "original.part000.webm")) < events.index(("cut", cuts[-1]))
+
+
+@pytest.mark.timeout(120)
+def test_requests_in_flight_are_bounded_across_jobs(run_daemon, aws, openai_stub, wordpress, tmp_path):
+    """Two jobs of four parts, two at a time each, TRANSCRIBE_MAX_REQUESTS=3: never 4 at once, and 3 only
+    when both jobs are sending (one job alone has at most 2)."""
+    path = tmp_path / "long.webm"
+    _long_recording(path, 75)
+    for job in ("a", "b"):
+        upload(aws, f"audio/{job}.webm", path)
+        send_job(aws, f"shared-{job}", f"audio/{job}.webm")
+    openai_stub.latency = 1.0
+    run_daemon(transcriber=_capped_backend(openai_stub), concurrency=2, transcribe_parallelism=2,
+               transcribe_max_requests=3)
+    wait_for(lambda: all(wordpress.terminal(f"shared-{j}") for j in ("a", "b")), timeout=90, what="both callbacks")
+    assert openai_stub.count() == 8
+    assert openai_stub.peak_in_flight == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_retry_sends_only_the_parts_still_missing(run_daemon, aws, openai_stub, wordpress, tmp_path):
+    """Parts sent side by side, the third to arrive fails (slowly, so all four are on the wire): the retry
+    cuts the same parts and sends that one alone."""
+    path = tmp_path / "long.webm"
+    _long_recording(path, 75)
+    upload(aws, "audio/long.webm", path)
+    openai_stub.script.extend([Reply(), Reply(), Reply(500, delay=1.0)])
+    send_job(aws, "retry-parts", "audio/long.webm")
+    run_daemon(transcriber=_capped_backend(openai_stub), transcribe_parallelism=4)
+    [body] = wait_for(lambda: wordpress.terminal("retry-parts"), timeout=90, what="callback")
+    assert body["status"] == "completed"
+    names = [r.filename for r in openai_stub.requests]
+    assert len(names) == 5 and sorted(set(names)) == [f"original.part{i:03d}.webm" for i in range(4)]
+    assert names[4:] == [names[2]]  # only the part that failed went up again
+    assert len(body["transcript"]["segments"]) == 4
