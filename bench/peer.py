@@ -339,7 +339,7 @@ def _ratio(ours: float, peer: float) -> float | None:
 def run(b: Bench) -> dict[str, Any]:
     b.cache["node"] = install_peer(b)
     sizes = {"single": 30, "load_s": 15.0, "slow": 30, "faults": 10, "count": 10} if b.quick else \
-        {"single": 100, "load_s": 30.0, "slow": 60, "faults": 20, "count": 20}
+        {"single": 60, "load_s": 30.0, "slow": 40, "faults": 20, "count": 10}
     phases = (("single", lambda k: single(b, k, sizes["single"])), ("load", lambda k: load(b, k, sizes["load_s"])),
               ("slow", lambda k: slow(b, k, sizes["slow"])), ("faults", lambda k: faults(b, k, sizes["faults"])),
               ("count", lambda k: count(b, k, sizes["count"])))
