@@ -70,7 +70,12 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     for ax, (name, draw) in zip(axes.flat, zip(ORDER, panels, strict=True), strict=False):
         bench = benches.get(name)
         if bench and not bench.get("error"):
-            draw(ax, bench)
+            try:
+                draw(ax, bench)
+            except (KeyError, TypeError):  # kept from a run of an older version of this benchmark
+                ax.clear()
+                ax.set_title(f"{name}: figures of an older version; rerun --only {name}", fontsize=9)
+                ax.axis("off")
         else:
             ax.set_title(f"{name}: not run")
             ax.axis("off")
