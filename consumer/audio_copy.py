@@ -61,7 +61,7 @@ class _Part:
     """One part being written: packets copied in, timestamps rebased to its first packet."""
 
     def __init__(self, path: Path, fmt: str, template: Any, start: int, rate: int) -> None:
-        self.path, self.start, self.rate, self.samples = path, start, rate, 0
+        self.path, self.start, self.samples = path, start, 0
         self.container: Any = av.open(str(path), "w", format=fmt)
         try:
             self.stream: Any = self.container.add_stream_from_template(template)
@@ -69,12 +69,14 @@ class _Part:
             self.container.close()
             raise
         self.time_base = template.time_base or Fraction(1, rate)
+        # samples -> time_base ticks in integers (a Fraction per packet costs more than the copy itself)
+        self._per = self.time_base.numerator * rate
+        self._ticks = self.time_base.denominator
 
     def write(self, item: _Packet) -> None:
-        packet = item.packet
-        position = Fraction(item.start - self.start, self.rate) / self.time_base
-        packet.pts = packet.dts = round(position)
-        packet.duration = round(Fraction(item.samples, self.rate) / self.time_base)
+        packet, per = item.packet, self._per
+        packet.pts = packet.dts = (2 * (item.start - self.start) * self._ticks + per) // (2 * per)
+        packet.duration = (2 * item.samples * self._ticks + per) // (2 * per)
         packet.time_base = self.time_base
         packet.stream = self.stream
         self.container.mux(packet)
@@ -122,8 +124,10 @@ class _Cutter:
 
     def run(self) -> Iterator[Chunk]:
         part = self._open(0)
-        held: list[_Packet] = []  # packets inside the current search window, not yet given to a part
+        held: list[_Packet] = []  # packets from the pre-roll of the next search window on, not yet written
+        preroll = round(PREROLL_SECONDS * self.rate)
         boundary, position = self.grid, 0
+        hold_from = None if boundary is None else boundary - self.window - preroll
         try:
             for packet in self.container.demux(self.stream):
                 if packet.size == 0:
@@ -132,20 +136,21 @@ class _Cutter:
                 position += item.samples
                 if self.limit is not None and position > self.limit:  # the probe counted first; a second guard
                     raise audio_measure.too_long((self.limit / self.rate) / TOO_LONG_SLACK, header=None)
-                if boundary is None or item.start < boundary - self.window - self._preroll():
+                if hold_from is None or item.start < hold_from:
                     part.write(item)
                     continue
                 held.append(item)
-                if position >= boundary + self.window:
-                    cut = self._cut_point(held, boundary, after=part.start)
+                if position >= (boundary or 0) + self.window:
+                    cut = self._cut_point(held, boundary or 0, after=part.start)
                     for early in [h for h in held if h.start < cut]:
                         part.write(early)
                     held = [h for h in held if h.start >= cut]
                     yield self._close(part)
                     part = self._open(cut)
-                    boundary += self.grid or 0
+                    boundary = (boundary or 0) + (self.grid or 0)
+                    hold_from = boundary - self.window - preroll
                     # What stays held belongs to the new part unless it reaches into the next window.
-                    while held and held[0].start < boundary - self.window - self._preroll():
+                    while held and held[0].start < hold_from:
                         part.write(held.pop(0))
             for item in held:
                 part.write(item)
@@ -153,9 +158,6 @@ class _Cutter:
         except BaseException:
             part.container.close()
             raise
-
-    def _preroll(self) -> int:
-        return round(PREROLL_SECONDS * self.rate)
 
     def _open(self, start: int) -> _Part:
         path = self.workdir / f"{self.stem}.part{self.written:03d}.{self.ext}"

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class TranscriptionRequest:
     lists: dict[str, list[str]]  # array fields, by name without `[]` (timestamp_granularities, languages)
     filename: str
     data: bytes
+    seconds: float | None = None  # the audio's length, once check() has measured it (measured once: CPU)
 
     @property
     def model(self) -> str:
@@ -200,7 +202,7 @@ def check(request: TranscriptionRequest) -> tuple[int, dict[str, Any]] | None:
     info = probe(request.data)
     if extension not in FORMATS or info is None or info[0] not in DEMUXERS[extension]:
         return 400, STATUS_BODIES[400]
-    seconds = info[1]
+    seconds = request.seconds = info[1]
     if rules.max_seconds is not None and seconds > rules.max_seconds:
         return 400, error(f"audio duration {seconds} seconds is longer than {rules.max_seconds:.0f} seconds "
                           "which is the maximum for this model", code="invalid_value")
@@ -232,7 +234,7 @@ def check_hints(request: TranscriptionRequest, rules: ModelRules) -> tuple[int, 
 def transcription(request: TranscriptionRequest) -> dict[str, Any]:
     """A reply in the shape the model's response_format has (types/audio/transcription*.py)."""
     rules = MODELS[request.model]
-    seconds = max(audio_duration(request.data), 0.0)
+    seconds = max(request.seconds if request.seconds is not None else audio_duration(request.data), 0.0)
     text = f"transcript of {request.filename} ({len(request.data)} bytes)"
     # whisper-1 and gpt-transcribe are billed by the second and report it as a whole number (speakr #42
     # shows 'seconds': 0); gpt-4o-* report tokens.
@@ -309,6 +311,10 @@ class OpenAIStub:
 
     def answer(self, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Status, JSON body and headers for one POST, after the scripted delay."""
+        # The delay runs from the request's receipt, as a real server's latency does: this stand-in's own
+        # parsing and measuring (CPU of the machine under test, GIL-bound when many parts arrive at once)
+        # is part of the modelled latency, not added to it.
+        received = time.monotonic()
         if not path.endswith("/audio/transcriptions"):
             return 404, error(f"Invalid URL (POST {path})"), {}
         if not (headers.get("Authorization") or "").startswith("Bearer "):
@@ -326,23 +332,24 @@ class OpenAIStub:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            return self._answer(request, scripted, latency, per_second)
+            return self._answer(request, scripted, latency, per_second, received)
         finally:
             with self.lock:
                 self.in_flight -= 1
 
     def _answer(self, request: TranscriptionRequest, scripted: Reply | None, latency: float,
-                per_second: float) -> tuple[int, dict[str, Any], dict[str, str]]:
+                per_second: float, received: float) -> tuple[int, dict[str, Any], dict[str, str]]:
         if scripted is not None:
             reply = scripted
         elif per_second:  # the audio's length, measured from its packets as check() did
-            reply = Reply(delay=latency + per_second * max(audio_duration(request.data), 0.0))
+            measured = request.seconds if request.seconds is not None else audio_duration(request.data)
+            reply = Reply(delay=latency + per_second * max(measured, 0.0))
         else:
             reply = Reply(delay=latency)
         if self.on_request:
             self.on_request(request)
         if reply.delay:
-            self.release.wait(reply.delay)
+            self.release.wait(max(0.0, reply.delay - (time.monotonic() - received)))
         if reply.status != 200:
             return reply.status, reply.error_body(), reply.headers
         return 200, transcription(request), {}
