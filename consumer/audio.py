@@ -11,7 +11,8 @@
                                                is and it needs no cutting; else parts cut at pauses, to fit
                                                and for latency (`parts_hint` parts sent side by side):
                                                packet copies when the API takes the codec (audio_copy.py),
-                                               else a 16 kHz mono Ogg/Opus transcode (audio_split.py)
+                                               else a 16 kHz mono transcode (audio_split.py): FLAC from
+                                               a WAV's PCM, Ogg/Opus from anything else
     prepare(...) -> list[AudioPart]            the same, all at once
 
 All decoding goes through PyAV (its wheels bundle FFmpeg; no ffmpeg binary is needed) and streams, so
@@ -50,7 +51,7 @@ SPEECH_RMS = 32768 * 10 ** (SPEECH_RMS_DBFS / 20)
 # A click or a cough is not a conversation: ask for half a second of frames above the threshold.
 MIN_SPEECH_SECONDS = 0.5
 # An Ogg/Opus chunk's bytes per second at OPUS_BITRATE, with room for Ogg pages and VBR swings.
-OPUS_BYTES_PER_SECOND = audio_split.OPUS_BITRATE / 8 * 1.15
+OPUS_BYTES_PER_SECOND = audio_split.OPUS.bytes_per_second
 OGG_HEADER_BYTES = 4096
 # A copied part's bytes per second may run over the recording's average (VBR, a loud stretch): plan for this.
 COPY_BITRATE_HEADROOM = 1.25
@@ -263,7 +264,8 @@ def cut(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
 
     A recording longer than `parts_hint` minutes is cut into `parts_hint` parts (TRANSCRIBE_PARALLELISM)
     so they can be sent side by side; more where `limits` demand. Parts are packet copies of the original
-    when the transcriber takes its codec (`consumer.audio_copy`), else a 16 kHz mono Ogg/Opus transcode.
+    when the transcriber takes its codec (`consumer.audio_copy`), else a 16 kHz mono transcode (FLAC from
+    a WAV's PCM, Ogg/Opus from anything else).
     `info.duration` is the measured length, so a header understating it cannot get the original sent to a
     transcriber with a per-request cap; `max_total_seconds` (MAX_AUDIO_SECONDS) bounds the work as well."""
     copy_to = audio_copy.COPY_FORMATS.get((info.container, info.codec))
@@ -280,14 +282,22 @@ def cut(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
                                        max_bytes=limits.max_bytes, max_seconds=max_total_seconds)
         return Cut(plan=f"{CUT_VERSION}:copy:{plan.key()}", count=plan.count,
                    parts=_parts(chunks, info, limits, how="audio_copied"))
-    plan = audio_split.SplitPlan.make(max_seconds=_chunk_seconds(limits, info.duration),
+    encoding = _encoding(info, limits)
+    plan = audio_split.SplitPlan.make(max_seconds=_chunk_seconds(limits, info.duration, encoding),
                                       expected_seconds=info.duration, parts_hint=parts_hint)
     if plan.count == 1 and _fits_as_is(info, limits):
         return _as_is(path, info)
     chunks = audio_split.transcode_split(path, workdir, stem=path.stem or "audio", plan=plan,
-                                         max_seconds=max_total_seconds)
-    return Cut(plan=f"{CUT_VERSION}:opus:{plan.key()}", count=plan.count,
+                                         max_seconds=max_total_seconds, encoding=encoding)
+    return Cut(plan=f"{CUT_VERSION}:{encoding.extension}:{plan.key()}", count=plan.count,
                parts=_parts(chunks, info, limits, how="audio_transcoded"))
+
+
+def _encoding(info: AudioInfo, limits: AudioLimits) -> audio_split.Encoding:
+    """FLAC for PCM in a WAV (lossless in, lossless out, a tenth of Opus's CPU), where the transcriber takes it."""
+    pcm = info.container == "wav" and info.codec.startswith("pcm_")
+    flac_ok = limits.formats is None or "flac" in limits.formats
+    return audio_split.FLAC if pcm and flac_ok else audio_split.OPUS
 
 
 def _as_is(path: Path, info: AudioInfo) -> Cut:
@@ -341,11 +351,12 @@ def _copy_seconds(limits: AudioLimits, info: AudioInfo) -> float | None:
     return min(candidates) if candidates else None
 
 
-def _chunk_seconds(limits: AudioLimits, duration: float) -> float | None:
+def _chunk_seconds(limits: AudioLimits, duration: float,
+                   encoding: audio_split.Encoding = audio_split.OPUS) -> float | None:
     """The longest chunk both limits allow at the transcode's bitrate (None: no limit)."""
     candidates = [limits.max_seconds] if limits.max_seconds is not None else []
     if limits.max_bytes is not None:
-        candidates.append((limits.max_bytes - OGG_HEADER_BYTES) / OPUS_BYTES_PER_SECOND)
+        candidates.append((limits.max_bytes - OGG_HEADER_BYTES) / encoding.bytes_per_second)
     if not candidates:
         return None
     seconds = min(candidates)

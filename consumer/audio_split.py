@@ -1,4 +1,6 @@
-"""Streaming PCM decode, the cut plan, and the one-pass transcode that cuts a recording into Ogg/Opus chunks.
+"""Streaming PCM decode, the cut plan, and the one-pass transcode that cuts a recording into chunks.
+
+A transcode writes 16 kHz mono: Ogg/Opus from a compressed source, FLAC from PCM (`Encoding`).
 
 Everything here streams: the decoder hands over 100 ms blocks of 16 kHz mono int16, the only audio held
 in memory is the search window around the next cut (2 x `CUT_WINDOW_SECONDS`), and each chunk is handed
@@ -123,17 +125,38 @@ class Chunk:
     duration: float
 
 
-class _OpusFile:
-    """An Ogg/Opus file being written from int16 blocks; counts what it was given."""
+@dataclass(frozen=True)
+class Encoding:
+    """What a transcode writes: 16 kHz mono in this codec and container."""
 
-    def __init__(self, path: Path) -> None:
+    encoder: str
+    muxer: str
+    extension: str
+    options: dict[str, str]
+    bit_rate: int | None
+    bytes_per_second: float  # the most one second may take, container included: plans parts under a byte limit
+
+
+# Compressed sources: 24 kbit/s Opus, ~3.4 KB/s with Ogg pages and VBR swings (15 % over the target).
+OPUS = Encoding(OPUS_ENCODER, "ogg", "ogg", OPUS_OPTIONS, OPUS_BITRATE, OPUS_BITRATE / 8 * 1.15)
+# Uncompressed sources (PCM in WAV): FLAC, lossless and about ten times cheaper to encode than Opus (an
+# hour of 48 kHz WAV: ~3 s of CPU against ~15 s, on the critical path of a long recording); at worst as
+# big as the 16-bit PCM (verbatim frames), 32 KB/s plus frame headers, so 25 MB still holds 13 minutes.
+FLAC = Encoding("flac", "flac", "flac", {}, None, RATE * 2 * 1.02)
+
+
+class _EncodedFile:
+    """A file being written from int16 blocks in `encoding`; counts what it was given."""
+
+    def __init__(self, path: Path, encoding: Encoding) -> None:
         self.path = path
         self.samples = 0
-        self.container: Any = av.open(str(path), "w", format="ogg")
+        self.container: Any = av.open(str(path), "w", format=encoding.muxer)
         try:
-            self.stream = cast(Any, self.container.add_stream(OPUS_ENCODER, rate=RATE, options=OPUS_OPTIONS))
+            self.stream = cast(Any, self.container.add_stream(encoding.encoder, rate=RATE, options=encoding.options))
             self.stream.layout = "mono"
-            self.stream.bit_rate = OPUS_BITRATE
+            if encoding.bit_rate:
+                self.stream.bit_rate = encoding.bit_rate
         except BaseException:
             self.container.close()
             raise
@@ -231,11 +254,13 @@ class SplitPlan:
 
 
 def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
-                    max_seconds: float | None = None) -> Iterator[Chunk]:
-    """Decode `source` once into 16 kHz mono Ogg/Opus chunks in `workdir`, cut at pauses; each yielded when closed."""
+                    max_seconds: float | None = None, encoding: Encoding = OPUS) -> Iterator[Chunk]:
+    """Decode `source` once into 16 kHz mono chunks in `workdir` (Ogg/Opus, or FLAC), cut at pauses; each
+    yielded when closed."""
     queue = _Queue()
     written, chunk_start, boundary = 0, 0, plan.grid
-    current = _OpusFile(workdir / f"{stem}.part{written:03d}.ogg")
+    ext = encoding.extension
+    current = _EncodedFile(workdir / f"{stem}.part{written:03d}.{ext}", encoding)
 
     def cut_at(index: int) -> Chunk:
         nonlocal current, chunk_start, written
@@ -243,7 +268,7 @@ def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
         current.close()
         chunk = Chunk(path=current.path, offset=chunk_start / RATE, duration=current.samples / RATE)
         chunk_start, written = index, written + 1
-        current = _OpusFile(workdir / f"{stem}.part{written:03d}.ogg")
+        current = _EncodedFile(workdir / f"{stem}.part{written:03d}.{ext}", encoding)
         return chunk
 
     try:
@@ -268,7 +293,7 @@ def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
     if current.samples == 0 and written:  # ended exactly on a cut
         path.unlink()
         return
-    single = path.with_name(f"{stem}.ogg")
+    single = path.with_name(f"{stem}.{ext}")
     if not written and single != source:  # a single file needs no part number
         path = path.replace(single)
     yield Chunk(path=path, offset=chunk_start / RATE, duration=current.samples / RATE)

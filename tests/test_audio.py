@@ -253,7 +253,7 @@ def check_chunks(parts: list[audio.AudioPart], recording: Recording, limits: Aud
     expected_offset = 0.0
     for part in parts:
         info = probe(part.path)
-        assert (info.container, info.codec, info.channels) == ("ogg", "opus", 1)
+        assert (info.container, info.codec, info.channels) == ("flac", "flac", 1)  # a WAV's PCM: lossless parts
         assert limits.max_seconds is None or info.duration <= limits.max_seconds
         assert limits.max_bytes is None or info.size_bytes <= limits.max_bytes
         # The probe counts packets: the last one's padding (up to one 20 ms frame) is counted too.
@@ -273,7 +273,7 @@ def test_long_recording_is_cut_at_pauses_under_max_seconds(half_hour: Recording,
     parts = prepare(half_hour.path, info, limits, tmp_path)
     usable = 300 - audio_split.CUT_MARGIN_SECONDS - 2 * audio_split.CUT_WINDOW_SECONDS
     assert len(parts) == math.ceil(half_hour.seconds / usable) == 7
-    assert [p.filename for p in parts] == [f"call.part{i:03d}.ogg" for i in range(7)]
+    assert [p.filename for p in parts] == [f"call.part{i:03d}.flac" for i in range(7)]
     check_chunks(parts, half_hour, limits)
 
     # Stitching per-chunk transcripts puts every segment on the recording's own clock.
@@ -297,11 +297,11 @@ def test_byte_limit_splits_too(tmp_path: Path) -> None:
     source.mkdir()
     path = source / "call.wav"
     write_recording(path, talks, seconds=seconds)
-    limits = AudioLimits(max_bytes=400_000)  # ~110 s of 24 kbps Opus
+    limits = AudioLimits(max_bytes=4_000_000)  # ~120 s of 16 kHz FLAC at its worst (verbatim PCM)
     parts = prepare(path, probe(path), limits, tmp_path)
-    longest = (400_000 - audio.OGG_HEADER_BYTES) / audio.OPUS_BYTES_PER_SECOND
+    longest = (4_000_000 - audio.OGG_HEADER_BYTES) / audio_split.FLAC.bytes_per_second
     usable = longest - audio_split.CUT_MARGIN_SECONDS - 2 * audio_split.CUT_WINDOW_SECONDS
-    assert len(parts) == math.ceil(seconds / usable) == 7
+    assert len(parts) == math.ceil(seconds / usable) == 6
     check_chunks(parts, Recording(path, seconds, pauses), limits)
 
 
