@@ -182,9 +182,9 @@ def _peer(ax: Any, b: dict[str, Any]) -> None:
 
 
 def _quality(ax: Any, b: dict[str, Any]) -> None:
-    names = ["whole", f"cut ({b['config']['max_seconds']:g} s parts)"]
-    values = [b["wer_whole"] * 100, b["wer_parts"] * 100]
-    ax.bar(names, values, color=["#aaaaaa", "#4477aa"])
+    names = ["whole WAV", "WAV + dither", "whole,\ntranscoded", f"cut into\n{b['config']['max_seconds']:g} s parts"]
+    values = [b["wer_whole"] * 100, b["runs"]["dithered"]["wer"] * 100, b["wer_encoded"] * 100, b["wer_parts"] * 100]
+    ax.bar(names, values, color=["#aaaaaa", "#cccccc", "#aaaaaa", "#4477aa"])
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.2f} %", ha="center", va="bottom", fontsize=9)
     ax.set(title=f"9. word error rate, {b['config']['model']} on {b['audio_s'] / 60:.1f} min of espeak-ng speech\\n"

@@ -6,8 +6,10 @@ read by espeak-ng (en-us, 165 words a minute: 4.2 minutes, 22.05 kHz mono WAV).
 
     quality    word error rate (jiwer; lower-cased, punctuation removed) of the recording transcribed whole
                against cut the way the daemon cuts it (consumer.audio.prepare with max_seconds=60: Ogg/Opus
-               parts cut at pauses, sent with consumer.transcribe.transcribe_parts), and of the whole recording
-               transcoded to Ogg/Opus without cuts, which separates the cost of the cuts from the codec's.
+               parts cut at pauses, sent with consumer.transcribe.transcribe_parts); also of the whole recording
+               transcoded as prepare transcodes it but not cut (WAV taken off the accepted formats), which
+               separates the cuts' cost from the codec's, and of the WAV with +-2 LSB of dither, which shows how
+               far an inaudible change moves the WER of this model on this reading (the noise floor).
     local_rtf  real-time factor (wall time / audio time) for 1, 10 and 30 minutes of that speech (the
                reading repeated, a second of silence between readings), two ways: the daemon's own path
                (prepare into parts of at most 300 s, transcribe_parts with TRANSCRIBE_PARALLELISM=4, the
@@ -30,7 +32,7 @@ import numpy as np
 from bench.common import Bench, figure
 from bench.stack import ROOT
 from consumer import audio
-from consumer.transcribe import AudioLimits, AudioPart, Transcriber, transcribe_parts
+from consumer.transcribe import API_FORMATS, AudioLimits, AudioPart, Transcriber, transcribe_parts
 from consumer.transcribe_local import LocalWhisperTranscriber
 
 TEXT = ROOT / "bench" / "data" / "speech.txt"
@@ -96,6 +98,18 @@ def wer(reference: str, hypothesis: str) -> float:
     return float(jiwer.wer(reference, hypothesis, reference_transform=normal, hypothesis_transform=normal))
 
 
+def dithered(path: Path, out: Path) -> Path:
+    """The recording with +-2 LSB of noise: inaudible, but enough to send Whisper's decoding down other paths."""
+    with wave.open(str(path)) as src:
+        params = src.getparams()
+        pcm = np.frombuffer(src.readframes(src.getnframes()), dtype="<i2").astype(np.int32)
+    noise = np.random.default_rng(3).integers(-2, 3, len(pcm))
+    with wave.open(str(out), "wb") as dst:
+        dst.setparams(params)
+        dst.writeframes(np.clip(pcm + noise, -32768, 32767).astype("<i2").tobytes())
+    return out
+
+
 def _transcribe(transcriber: Transcriber, parts: list[AudioPart], parallelism: int) -> tuple[str, float]:
     started = time.perf_counter()
     transcript = transcribe_parts(transcriber, parts, language="en", prompt=None, parallelism=parallelism)
@@ -117,35 +131,44 @@ def quality(b: Bench) -> dict[str, Any]:
     transcriber = LocalWhisperTranscriber(model, device="cpu", num_workers=1, cpu_threads=os.cpu_count() or 1)
     info = audio.probe(path)
     whole = [AudioPart(path=path, filename=path.name, offset=0.0, duration=info.duration)]
-    opus, _ = _prepared(path, AudioLimits(max_bytes=None, max_seconds=None, formats=frozenset({"ogg"})),
-                        b.tmp / "quality-opus")
+    # The daemon's own encoding without cuts: WAV off the accepted formats, so prepare transcodes it whole.
+    encoded, _ = _prepared(path, AudioLimits(max_bytes=None, max_seconds=None, formats=API_FORMATS - {"wav"}),
+                           b.tmp / "quality-encoded")
     cut, _ = _prepared(path, AudioLimits(max_bytes=None, max_seconds=CUT_SECONDS, formats=None),
                        b.tmp / "quality-cut")
     results = {}
-    for name, parts in (("whole", whole), ("opus", opus), ("parts", cut)):
+    noisy = dithered(path, b.tmp / "speech-dithered.wav")
+    dither = [AudioPart(path=noisy, filename=noisy.name, offset=0.0, duration=info.duration)]
+    for name, parts in (("whole", whole), ("dithered", dither), ("encoded", encoded), ("parts", cut)):
         text, seconds = _transcribe(transcriber, parts, DAEMON_PARALLELISM)
         results[name] = {"wer": round(wer(reference, text), 4), "parts": len(parts), "wall_s": round(seconds, 1),
+                         "formats": sorted({p.path.suffix for p in parts}),
                          "part_seconds": [round(p.duration or 0, 1) for p in parts], "text": text}
         b.say(f"quality: {name}: {len(parts)} part(s), WER {results[name]['wer']:.2%} ({seconds:.0f} s)")
     difference = (results["parts"]["wer"] - results["whole"]["wer"]) * 100
-    cut_alone = (results["parts"]["wer"] - results["opus"]["wer"]) * 100
+    cut_alone = (results["parts"]["wer"] - results["encoded"]["wer"]) * 100
+    noise = (results["dithered"]["wer"] - results["whole"]["wer"]) * 100
     return {"title": "Quality kept when cutting", "headline": round(difference, 2),
             "config": {"model": model.name, "text": "bench/data/speech.txt", "words": len(reference.split()),
                        "voice": f"espeak-ng -v {VOICE} -s {WORDS_PER_MINUTE}", "max_seconds": CUT_SECONDS,
                        "transcribe_parallelism": DAEMON_PARALLELISM, "normalisation": "lower case, no punctuation"},
             "audio_s": round(info.duration, 1), "wer_whole": results["whole"]["wer"],
-            "wer_opus": results["opus"]["wer"], "wer_parts": results["parts"]["wer"],
-            "difference_pp": round(difference, 2), "cut_alone_pp": round(cut_alone, 2), "runs": results,
+            "wer_encoded": results["encoded"]["wer"], "wer_parts": results["parts"]["wer"],
+            "difference_pp": round(difference, 2), "cut_alone_pp": round(cut_alone, 2),
+            "dither_noise_pp": round(noise, 2), "runs": results,
             "figures": [
                 figure("WER, whole recording (WAV)", round(results["whole"]["wer"] * 100, 2), "%", key="wer_whole"),
-                figure("WER, whole recording transcoded to Ogg/Opus", round(results["opus"]["wer"] * 100, 2), "%",
-                       key="wer_opus"),
-                figure(f"WER, cut as the daemon cuts ({len(cut)} parts of <= {CUT_SECONDS:g} s)",
+                figure("WER, whole recording with +-2 LSB dither (how much a tiny change moves WER)",
+                       round(results["dithered"]["wer"] * 100, 2), "%", key="wer_dithered"),
+                figure(f"WER, whole recording transcoded as the daemon does ({', '.join(results['encoded']['formats'])}"
+                       ", no cuts)", round(results["encoded"]["wer"] * 100, 2), "%", key="wer_encoded"),
+                figure(f"WER, cut as the daemon cuts ({len(cut)} {', '.join(results['parts']['formats'])} parts "
+                       f"of <= {CUT_SECONDS:g} s)",
                        round(results["parts"]["wer"] * 100, 2), "%", key="wer_parts"),
                 figure("WER cut - WER whole", round(difference, 2), "points",
                        target=f"within {WER_TARGET_PP} points", met=abs(difference) <= WER_TARGET_PP,
                        key="wer_difference"),
-                figure("WER cut - WER whole Ogg/Opus (the cuts alone)", round(cut_alone, 2), "points",
+                figure("WER cut - WER whole transcoded (the cuts alone)", round(cut_alone, 2), "points",
                        key="wer_cut_alone"),
             ]}
 
