@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                     "OpenAI stand-in with a configurable latency, and a callback receiver. Each daemon runs as "
                     "a `python -m consumer run` subprocess. Writes bench/results/latest.json, latest.md and "
                     "latest.png; with --only, the other benchmarks' previous figures are kept.",
-        epilog=f"benchmarks:\n{listing}\n\nThe whole run takes about 9 minutes on 2 cores (--quick: about 5).")
+        epilog=f"benchmarks:\n{listing}\n\nThe whole run takes about 22 minutes on 2 cores.")
     p.add_argument("--only", action="append", choices=list(BENCHMARKS), metavar="NAME",
                    help="run only this benchmark (repeatable); names below")
     p.add_argument("--quick", action="store_true",
