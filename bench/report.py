@@ -65,7 +65,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
     benches = results["benchmarks"]
-    fig, axes = plt.subplots(3, 4, figsize=(20, 13.5))
+    fig, axes = plt.subplots(3, 4, figsize=(24, 15))
     panels = [_concurrency, _sqs, _cpu, _latency, _memory, _audio, _long, _peer, _quality, _rtf]
     for ax, (name, draw) in zip(axes.flat, zip(ORDER, panels, strict=True), strict=False):
         bench = benches.get(name)
@@ -79,6 +79,8 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         else:
             ax.set_title(f"{name}: not run")
             ax.axis("off")
+    for unused in axes.flat[len(panels):-1]:
+        unused.axis("off")
     info = axes.flat[-1]
     info.axis("off")
     meta = results["meta"]
@@ -164,9 +166,10 @@ def _long(ax: Any, b: dict[str, Any]) -> None:
     ax.bar(labels, values, color=["#cccccc", "#4477aa", "#aaaaaa"])
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.1f} s", ha="center", va="bottom", fontsize=9)
-    ax.set(title=f"7. {b['config']['audio_s'] / 60:.0f} min WebM/Opus, send to callback\n"
-                 f"stand-in {b['config']['stand_in']}; prepare {b['prepare']['cpu_s']} CPU s",
-           ylabel="wall seconds")
+    ax.set_title(f"7. {b['config']['audio_s'] / 60:.0f} min WebM/Opus, send to callback\n"
+                 f"stand-in {b['config']['stand_in']}; prepare {b['prepare']['cpu_s']} CPU s", fontsize=10)
+    ax.set_ylabel("wall seconds")
+    ax.tick_params(axis="x", labelsize=8)
 
 
 def _peer(ax: Any, b: dict[str, Any]) -> None:
@@ -177,32 +180,35 @@ def _peer(ax: Any, b: dict[str, Any]) -> None:
         ax.text(r["ratio"], i, f" {r['ratio']}", va="center", fontsize=8)
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
-    ax.set(title="8. ours / bbc/sqs-consumer, same stack\n(1 = the same; see the README for which way is better)",
-           xlabel="ratio")
+    ax.set_title("8. ours / bbc/sqs-consumer, same stack\n(1 = the same; README: which way is better)", fontsize=10)
+    ax.set_xlabel("ratio")
 
 
 def _quality(ax: Any, b: dict[str, Any]) -> None:
-    names = ["whole WAV", "WAV + dither", "whole,\ntranscoded", f"cut into\n{b['config']['max_seconds']:g} s parts"]
+    names = ["whole\nWAV", "WAV +\ndither", "whole,\ntranscoded", f"cut into\n{b['config']['max_seconds']:g} s parts"]
     values = [b["wer_whole"] * 100, b["runs"]["dithered"]["wer"] * 100, b["wer_encoded"] * 100, b["wer_parts"] * 100]
     ax.bar(names, values, color=["#aaaaaa", "#cccccc", "#aaaaaa", "#4477aa"])
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.2f} %", ha="center", va="bottom", fontsize=9)
-    ax.set(title=f"9. word error rate, {b['config']['model']} on {b['audio_s'] / 60:.1f} min of espeak-ng speech\\n"
-                 f"difference {b['difference_pp']:+.2f} points (target within 0.5)", ylabel="WER %")
+    ax.set_title(f"9. WER, {b['config']['model']}, {b['audio_s'] / 60:.1f} min of espeak-ng speech\n"
+                 f"cut - whole {b['difference_pp']:+.2f} points (target within 0.5)", fontsize=10)
+    ax.set_ylabel("WER %")
+    ax.tick_params(axis="x", labelsize=8)
 
 
 def _rtf(ax: Any, b: dict[str, Any]) -> None:
     rows = b["rows"]
     xs = [f"{r['minutes']:g} min" for r in rows]
     width = 0.38
-    for offset, key, label, color in ((-width / 2, "rtf", "WhisperModel", "#aaaaaa"),
+    for offset, key, label, color in ((-width / 2, "rtf", "the daemon's path", "#aaaaaa"),
                                       (width / 2, "batched_rtf", "BatchedInferencePipeline", "#4477aa")):
         values = [r.get(key) or 0 for r in rows]
         ax.bar([i + offset for i in range(len(rows))], values, width, label=label, color=color)
     ax.set_xticks(range(len(rows)), xs)
-    ax.set(title="10. local faster-whisper real-time factor\\n(processing time / audio time; lower is faster; "
-                 "hatched = extrapolated)", ylabel="RTF")
+    ax.set_title("10. local faster-whisper real-time factor\n(wall time / audio time; lower is faster)", fontsize=10)
+    ax.set_ylabel("RTF")
     for i, r in enumerate(rows):
-        if r.get("extrapolated"):
-            ax.text(i, 0, "extrapolated", ha="center", va="bottom", fontsize=7, rotation=90)
+        for offset, key in ((-width / 2, "rtf"), (width / 2, "batched_rtf")):
+            if key in r.get("extrapolated", []):
+                ax.text(i + offset, 0.002, "extrapolated", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.legend(fontsize=8)
