@@ -181,7 +181,10 @@ def redrive(dlq: SqsQueue, source: SqsQueue, *, job_ids: set[str] | None,
             if message.attributes.get("redrive_id") == run or (message.sent_timestamp or 0) > started + CLOCK_SKEW:
                 continue  # not there when we started: this run has moved it already, or it is newer
             original = {k: v for k, v in message.attributes.items() if k not in DLQ_ATTRIBUTES}
-            source.send(message.body, original | {"redrive_id": run})
+            # The job's id travels with it: a legacy job moved here by the redrive policy itself has no
+            # `job_id` attribute yet, and its MessageId (its id) changes when it is sent again.
+            named = {"job_id": letter.job_id} if letter.job_id != "?" else {}
+            source.send(message.body, named | original | {"redrive_id": run})
             dlq.delete(message)
             walk.settled(letter)
             progress.step()

@@ -21,7 +21,8 @@ WordPress answered 2xx. The invariants the code holds (docs/contract.md, "One jo
 
 - once `completed` has been attempted, only `completed` is ever sent again, from the stored transcript;
 - a `failed` that WordPress acknowledged is not sent again for a copy of the same delivery (an operator's
-  redrive, carrying a new `redrive_id`, starts a new round for a job that did not complete);
+  redrive, carrying a new `redrive_id`, or WordPress enqueuing the job again with another recording,
+  starts a new round for a job that did not complete);
 - the claim is held or lost: a renewal that finds it gone or someone else's stops the attempt;
 - parts are stored as they are transcribed, so a retry pays only for the parts still missing;
 - no job lives forever: past MAX_JOB_AGE from `first_seen` it fails as `job_expired`.
@@ -98,11 +99,19 @@ class JobRecord(BaseModel):
     def released(self) -> JobRecord:
         return self.model_copy(update={"claim": None})
 
-    def redriven(self, redrive_id: str) -> JobRecord:
-        """A new round chosen by an operator: a job that did not complete is tried again (parts kept)."""
-        update: dict[str, object] = {"redrives": [*self.redrives, redrive_id]}
+    def redriven(self, redrive_id: str, *, now: float) -> JobRecord:
+        """A new round chosen by an operator, with a fresh MAX_JOB_AGE: a job that did not complete is tried
+        again (parts kept); one that did has `completed` sent again from its transcript."""
+        return self.new_round(now).model_copy(update={"redrives": [*self.redrives, redrive_id]})
+
+    def new_round(self, now: float, *, s3_key: str | None = None) -> JobRecord:
+        """Start over from what was paid for: a redrive, or WordPress sending a failed job again with a new
+        recording. `completed` stays (it is re-sent, never contradicted); a `failed` is forgotten."""
+        update: dict[str, object] = {"first_seen": now, "acknowledged_at": None, "dead_lettered_at": None}
         if self.outcome == "failed":
-            update |= {"outcome": None, "error": None, "acknowledged_at": None, "dead_lettered_at": None}
+            update |= {"outcome": None, "error": None}
+        if s3_key is not None:
+            update["s3_key"] = s3_key
         return self.model_copy(update=update)
 
     def with_part(self, plan: str, audio_etag: str, index: int, transcript: Transcript) -> JobRecord:

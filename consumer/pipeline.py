@@ -179,7 +179,7 @@ class Pipeline:
         with self._stage(attempt, "claim"):
             handle = attempt.handle = claim(self.records, job_id=job.job_id, s3_key=job.s3_key,
                                             owner=attempt.owner, until=attempt.visible_until, now=time.time())
-            record = self._new_round(attempt, handle)
+            record = self._new_round(attempt, job, handle)
         now = time.time()
         state = record.state(now)
         attempt.expired = now - record.first_seen > self.settings.max_job_age
@@ -190,9 +190,6 @@ class Pipeline:
             error = record.error or ErrorInfo(code="internal_error", message="failed", retryable=False)
             raise PermanentError(error.message, code=error.code)
         if state is State.COMPLETING:
-            if record.s3_key != job.s3_key:  # the job_id was reused for another recording: say nothing new
-                raise PermanentError(f"job_id {job.job_id} already completed for {record.s3_key}",
-                                     code="job_id_conflict")
             if attempt.expired:
                 raise PermanentError("the completed callback was never acknowledged", code="callback_undelivered")
             transcript, attempt.source, attempt.model = record.transcript, "cached", record.model
@@ -207,12 +204,21 @@ class Pipeline:
             self.deliverer.post(self._payload(attempt, job, transcript=transcript))
         attempt.outcome = "completed"
 
-    def _new_round(self, attempt: Attempt, handle: JobHandle) -> JobRecord:
-        """An operator's redrive (a `redrive_id` the record has not seen) tries a failed job again."""
+    def _new_round(self, attempt: Attempt, job: JobMessage, handle: JobHandle) -> JobRecord:
+        """What this message changes in the story before it is read: another recording under a job_id that
+        completed is a conflict (nothing is said); another recording for a job that did not complete, or an
+        operator's redrive (a `redrive_id` the record has not seen), starts a new round, claimed by us."""
+        record, now = handle.record, time.time()
+        if record.s3_key != job.s3_key:
+            if record.outcome == "completed":
+                raise PermanentError(f"job_id {job.job_id} already completed for {record.s3_key}",
+                                     code="job_id_conflict")
+            log.info("job_new_recording", extra={"job_id": job.job_id, "was": record.s3_key, "now": job.s3_key})
+            return handle.save(lambda r: r.new_round(now, s3_key=job.s3_key))
         redrive_id = attempt.message.attributes.get("redrive_id")
-        if redrive_id and redrive_id not in handle.record.redrives:
-            return handle.save(lambda r: r.redriven(redrive_id))
-        return handle.record
+        if redrive_id and redrive_id not in record.redrives:
+            return handle.save(lambda r: r.redriven(redrive_id, now=now).claimed(handle.owner, attempt.visible_until))
+        return record
 
     def _transcribe(self, attempt: Attempt, job: JobMessage, handle: JobHandle) -> Transcript:
         jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
@@ -282,31 +288,41 @@ class Pipeline:
     # ------------------------------------------------------------------ terminal transitions
 
     def report_failure(self, attempt: Attempt, error: ConsumerError) -> bool:
-        """Send the terminal `failed` callback if the record allows it; False when nothing was sent.
+        """Send the terminal `failed` callback if the job's record allows it; False when nothing was sent.
 
-        Never after `completed` was attempted, and never again once WordPress acknowledged a `failed`."""
+        Never after `completed` was attempted, never again once WordPress acknowledged a `failed`, and never
+        without the record: a delivery that could not read it (an S3 error at the claim) says nothing, and
+        an invalid copy of a job that has a story says nothing either (the job is not this copy)."""
         job = attempt.job
-        if job is None and isinstance(error, InvalidMessageError) and error.job_id:
+        invalid = job is None
+        if invalid and isinstance(error, InvalidMessageError) and error.job_id:
             job = JobMessage.model_construct(job_id=error.job_id, s3_key=error.s3_key or "", metadata=error.metadata)
-            found = self.records.read(error.job_id)
-            if found and found[0] is not None and found[0].outcome == "completed":
-                return False  # a bad copy of a job WordPress has the transcript of
         if job is None:
             return False
-        info = ErrorInfo(code=error.code, message=error.message, retryable=error.retryable)
         handle = attempt.handle
-        if handle is not None:
-            record = handle.record
-            if record.outcome == "completed" or record.state(time.time()) is State.FAILED:
-                return False
-            if record.outcome != "failed":
-                record = handle.save(lambda r: r.failing(info))  # attempted: written before it goes out
-            info = record.error or info
+        if handle is None:
+            try:  # the claim serialises this with any delivery running the job (ClaimLostError: wait for it)
+                handle = attempt.handle = claim(self.records, job_id=job.job_id, s3_key=job.s3_key,
+                                                owner=attempt.owner, until=attempt.visible_until, now=time.time())
+            except ClaimLostError:
+                raise
+            except ConsumerError:
+                return False  # the story cannot be read: the DLQ keeps the job, WordPress is not told wrong
+            attempt.expired = time.time() - handle.record.first_seen > self.settings.max_job_age
+            told_by_copy = handle.record.outcome == "failed" and handle.record.s3_key == job.s3_key
+            if invalid and not handle.created and not told_by_copy:
+                return False  # a valid delivery's job: this bad copy is not its failure
+        record = handle.record
+        if record.outcome == "completed" or record.state(time.time()) is State.FAILED:
+            return False
+        info = ErrorInfo(code=error.code, message=error.message, retryable=error.retryable)
+        if record.outcome != "failed":
+            record = handle.save(lambda r: r.failing(info))  # attempted: written before it goes out
+        info = record.error or info
         with self._stage(attempt, "callback"):
             self.deliverer.post(self._payload(attempt, job, error=info))
-        if handle is not None:
-            with contextlib.suppress(ConsumerError):
-                handle.save(lambda r: r.acknowledged(time.time()))
+        with contextlib.suppress(ConsumerError):
+            handle.save(lambda r: r.acknowledged(time.time()))
         return True
 
     def acknowledge(self, attempt: Attempt) -> None:

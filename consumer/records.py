@@ -105,11 +105,12 @@ class RecordStore:
 class JobHandle:
     """One delivery's hold on its job's record."""
 
-    def __init__(self, store: RecordStore, record: JobRecord, etag: str, owner: str) -> None:
+    def __init__(self, store: RecordStore, record: JobRecord, etag: str, owner: str, *, created: bool = False) -> None:
         self.store = store
         self.record = record
         self.etag = etag
         self.owner = owner
+        self.created = created  # this delivery wrote the record first: the job had no story before it
         self._lock = threading.Lock()
 
     def save(self, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
@@ -159,13 +160,13 @@ def claim(store: RecordStore, *, job_id: str, s3_key: str, owner: str, until: fl
     expired one; raise ClaimLostError (a deferral) while another delivery holds it."""
     fresh = JobRecord.new(job_id, s3_key, owner=owner, until=until, now=now)
     try:
-        return JobHandle(store, fresh, store.create(fresh), owner)
+        return JobHandle(store, fresh, store.create(fresh), owner, created=True)
     except RetryableError as exc:
         if exc.code != "record_conflict":
             raise
     found = store.read(job_id)
     if found is None:  # deleted between our write and our read (an operator): start again once
-        return JobHandle(store, fresh, store.create(fresh), owner)
+        return JobHandle(store, fresh, store.create(fresh), owner, created=True)
     record, etag = found
     if record is not None and record.outcome == "completed" and record.acknowledged_at:
         return JobHandle(store, record, etag, owner)  # a duplicate: read only, nothing to claim

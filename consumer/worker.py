@@ -46,6 +46,7 @@ REJECTED_BODY_CHARS = 200  # enough to recognise a bad message in the log, not e
 HEARTBEAT_WAIT = 10.0  # longest wait for a heartbeat on the wire before changing the same message's visibility
 SETTLE_MARGIN = 15.0  # at shutdown, beyond CALLBACK_TIMEOUT, for a settling job's DLQ send and delete
 POLL_JOIN_MARGIN = 5.0  # beyond POLL_WAIT_SECONDS, for the last long poll to come back at shutdown
+RESERVE_FROM = 3  # permitted receives from which the last is kept in reserve for crash recovery
 
 
 @dataclass
@@ -325,7 +326,14 @@ class Worker:
         self._fail(attempt, error)
 
     def _last_attempt(self, message: Message) -> bool:
-        return self.max_receive_count is not None and message.receive_count >= self.max_receive_count
+        """Whether this receive is the daemon's last. With three or more permitted it gives up one early:
+        the redrive policy's own last receive is kept for a delivery whose daemon died mid-job (kill -9, an
+        OOM kill, a reboot), so the job is still failed by us, with a callback and its reason, and not moved
+        to the DLQ silently by SQS."""
+        if self.max_receive_count is None:
+            return False
+        final = self.max_receive_count - 1 if self.max_receive_count >= RESERVE_FROM else self.max_receive_count
+        return message.receive_count >= final
 
     def _may_retry(self, attempt: Attempt, error: RetryableError) -> bool:
         """A deferral always waits (until the job grows too old); anything else while receives are left."""

@@ -20,6 +20,7 @@ from consumer.sqs import SqsQueue
 from tests.conftest import send_job, upload
 from tests.stack import wait_for
 from tests.stack.aws import AwsStack
+from tests.stack.openai_stub import Reply
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -54,8 +55,6 @@ def settled(aws):
 # ---------------------------------------------------------------------------------------------- redrive
 
 
-@pytest.mark.xfail(strict=True, reason="a redriven callback_undelivered letter that fails again is deleted, "
-                                       "not dead-lettered: dead_lettered_at survives redriven() for `completed`")
 def test_redriven_undelivered_completed_that_meets_wordpress_down_again_stays_in_the_dlq(
         moto_server, run_daemon, openai_stub, wordpress):
     """WordPress is down on the job's only receive: the DLQ gets it as `callback_undelivered` (as promised).
@@ -78,8 +77,6 @@ def test_redriven_undelivered_completed_that_meets_wordpress_down_again_stays_in
     assert dead_codes(aws) == ["callback_undelivered"]  # actual: [] -- the job left both queues
 
 
-@pytest.mark.xfail(strict=True, reason="redriven() keeps first_seen: any redrive after MAX_JOB_AGE fails the "
-                                       "job as job_expired at once instead of trying it again")
 def test_a_redrive_after_max_job_age_tries_a_failed_job_again(run_daemon, aws, openai_stub, wordpress):
     """The recording is missing: `failed` / audio_not_found, dead-lettered. The recording arrives later and
     the operator redrives -- after MAX_JOB_AGE (12 h by default, so: any redrive the next morning). The
@@ -96,8 +93,6 @@ def test_a_redrive_after_max_job_age_tries_a_failed_job_again(run_daemon, aws, o
     assert story(wordpress, "old") == [("failed", 200), ("completed", 200)], codes  # actual: failed, failed/job_expired
 
 
-@pytest.mark.xfail(strict=True, reason="a COMPLETING job past MAX_JOB_AGE is dead-lettered as "
-                                       "callback_undelivered on every receive, redrive included: never re-sent")
 def test_a_redrive_after_a_misconfigured_callback_is_fixed_re_sends_completed(run_daemon, aws, openai_stub, wordpress):
     """WordPress answers 401 (a wrong WP_SERVER_TOKEN) to the `completed` callback until MAX_JOB_AGE: the DLQ
     gets it as `callback_undelivered`, as documented. The operator fixes the token and redrives, as the
@@ -120,8 +115,6 @@ def test_a_redrive_after_a_misconfigured_callback_is_fixed_re_sends_completed(ru
 # ---------------------------------------------------------------------------------------------- failed after completed
 
 
-@pytest.mark.xfail(strict=True, reason="report_failure for a message that failed validation only checks for "
-                                       "`completed` in the record: a running job gets `failed`, then `completed`")
 def test_an_invalid_copy_of_a_running_job_does_not_fail_it(run_daemon, aws, openai_stub, wordpress):
     """Job `c` is being transcribed. A second, correctly signed message for the same job_id arrives with an
     s3_key the daemon refuses (`forbidden_input`; likewise a bad language, a foreign bucket, bad metadata).
@@ -156,8 +149,6 @@ def _s3_fails_for(key_suffix: str, armed: threading.Event):
     return hook
 
 
-@pytest.mark.xfail(strict=True, reason="a retryable error before the claim on the last receive sends `failed` "
-                                       "without reading the record, which may say `completed` was attempted")
 def test_an_s3_error_on_the_last_receive_after_completed_sends_no_failed(moto_server, make_settings, openai_stub,
                                                                           wordpress):
     """Receive 1: the transcript is stored, `completed` goes out, WordPress stores it but answers after
@@ -194,8 +185,6 @@ def test_an_s3_error_on_the_last_receive_after_completed_sends_no_failed(moto_se
 # ---------------------------------------------------------------------------------------------- job_id reuse
 
 
-@pytest.mark.xfail(strict=True, reason="claim() returns a COMPLETED record before any s3_key check: the new "
-                                       "recording's message is deleted as a duplicate, not job_id_conflict")
 def test_a_job_id_reused_for_another_recording_after_completion_is_dead_lettered(run_daemon, aws, openai_stub,
                                                                                  wordpress):
     """Job `r` completes for audio/a.wav and WordPress acknowledges it. A message for job_id `r` and another
@@ -217,8 +206,6 @@ def record_acknowledged(aws, job_id) -> bool:
     return bool(found and found[0] is not None and found[0].acknowledged_at)
 
 
-@pytest.mark.xfail(strict=True, reason="a FAILED, dead-lettered record makes any later message of its job_id "
-                                       "vanish: no callback, no DLQ copy, whatever its s3_key")
 def test_a_new_recording_for_a_failed_job_id_is_not_silently_dropped(run_daemon, aws, openai_stub, wordpress):
     """Post 7's recording is missing: `failed` / audio_not_found, one DLQ copy. The user uploads a new
     recording and WordPress enqueues job_id 7 again (the contract's own PHP uses the post ID as job_id) with
@@ -240,8 +227,6 @@ def test_a_new_recording_for_a_failed_job_id_is_not_silently_dropped(run_daemon,
 # ---------------------------------------------------------------------------------------------- crashes
 
 
-@pytest.mark.xfail(strict=True, reason="redrive does not carry the job_id of a legacy letter the SQS redrive "
-                                       "policy moved: the redriven job gets a new MessageId as its job_id")
 def test_a_legacy_job_moved_by_the_redrive_policy_keeps_its_id_on_redrive(moto_server, spawn_daemon, run_daemon,
                                                                           openai_stub, wordpress):
     """A legacy `{"s3_key"}` job (job_id = its MessageId M) is received on its last permitted receive and the
@@ -315,31 +300,28 @@ def test_kill_9_between_the_dlq_send_and_its_mark_sends_one_dlq_copy(spawn_daemo
     assert dead_codes(aws) == ["audio_not_found"]  # actual: two copies
 
 
-@pytest.mark.xfail(strict=True, reason="the daemon's last receive is the redrive policy's last: a crash there "
-                                       "leaves SQS to dead-letter the job without any callback")
 def test_kill_9_on_the_last_receive_before_the_failed_callback_still_tells_wordpress(
         moto_server, spawn_daemon, run_daemon, openai_stub, wordpress, tmp_path):
-    """Job `f`'s recording is missing, on its last permitted receive (MaxReceiveCount 1 here; 5 in
-    production, the same on the fifth). The record is written `failed` attempted, then the daemon is killed
-    (-9) before the callback goes out (a systemd OOM kill, a host reboot). On the next receive SQS's redrive
-    policy moves the message to the DLQ itself: no error_code, no callback, and the record says FAILING
-    forever. WordPress never hears a terminal outcome; nothing alerts on it but the DLQ depth.
-    Promise (issue 12 "Done when": every sequence ends with WordPress holding one terminal outcome; contract
-    "When WordPress hears nothing" lists no such case). The daemon could keep the policy's last receive for
-    recovery (treat MaxReceiveCount-1 as its own last), as it already re-sends deferrals fresh."""
-    aws = AwsStack.create(moto_server, max_receives=1)
+    """Job `f` meets OpenAI 500s until the daemon gives up (MaxReceiveCount 3: the daemon's last receive is
+    the second, the policy's third is kept in reserve). The record is written `failed` attempted, then the
+    daemon is killed (-9) before the callback goes out (an OOM kill, a host reboot). The reserve receive
+    finds the record FAILING and tells WordPress; SQS never moves the job silently.
+    (With MaxReceiveCount 1 or 2 there is no receive to spare: the runbook says to keep it at 3 or more.)"""
+    aws = AwsStack.create(moto_server, max_receives=3)
+    upload(aws, "audio/f.wav")
+    openai_stub.script.extend([Reply(500), Reply(500)])
     first = spawn_daemon({**hooked(tmp_path, "failed_callback"), "SQS_QUEUE_URL": aws.queue_url,
-                          "S3_BUCKET": aws.bucket, "VISIBILITY_TIMEOUT": "3"})
-    send_job(aws, "f", "audio/missing-f.wav")
-    assert first.proc.wait(60) == -9  # killed by the hook with `failed` attempted
+                          "S3_BUCKET": aws.bucket, "VISIBILITY_TIMEOUT": "3", "RETRY_BASE_DELAY": "1",
+                          "RETRY_MAX_DELAY": "1"})
+    send_job(aws, "f", "audio/f.wav")
+    assert first.proc.wait(60) == -9  # killed by the hook with `failed` attempted, on receive 2
     assert record(aws, "f").outcome == "failed" and wordpress.received == []
     run_daemon(sqs_queue_url=aws.queue_url, s3_bucket=aws.bucket, visibility_timeout=3)
     wait_for(lambda: settled(aws) and aws.counts(aws.dlq_url) != (0, 0), timeout=30, what="the message settled")
     wait_for(lambda: statuses(wordpress, "f") == ["failed"], timeout=15, what="WordPress told `failed`")
+    assert dead_codes(aws) == ["transcription_unavailable"]
 
 
-@pytest.mark.xfail(strict=True, reason="MAX_JOB_AGE is read from the job record; a message that failed "
-                                       "validation has none, so a callback deferral never ends")
 def test_an_invalid_job_whose_failed_callback_is_misconfigured_ends(moto_server, run_daemon, openai_stub, wordpress):
     """A signed job with a refused s3_key (`forbidden_input`, its job_id readable) must be called back
     `failed`. WordPress answers 401 (a wrong token) for longer than MAX_JOB_AGE. `callback_misconfigured`

@@ -88,8 +88,8 @@ def test_states_follow_the_story():
     assert failing.state(now) is State.FAILING and failing.acknowledged(now).state(now) is State.FAILED
     # A redrive tries a failed job again, parts kept; a completed one stays completed.
     kept = failing.with_part("p", '"e"', 0, Transcript(text="paid"))
-    assert kept.redriven("r1").state(now) is State.RUNNING and kept.redriven("r1").parts
-    assert completing.redriven("r1").state(now) is State.COMPLETING
+    assert kept.redriven("r1", now=now).state(now) is State.RUNNING and kept.redriven("r1", now=now).parts
+    assert completing.redriven("r1", now=now).state(now) is State.COMPLETING
     # Parts of another cut of the recording are not mixed in.
     assert set(kept.with_part("other", '"f"', 1, Transcript(text="x")).parts) == {"1"}
 
