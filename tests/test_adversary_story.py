@@ -14,34 +14,19 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from consumer.dlq import redrive
-from consumer.jobrecord import JobRecord
 from consumer.records import RecordStore
 from consumer.sqs import SqsQueue
 from tests.conftest import send_job, upload
 from tests.stack import wait_for
 from tests.stack.aws import AwsStack
 from tests.stack.openai_stub import Reply
+from tests.test_job_story import dead_codes, record, story
 
 pytestmark = pytest.mark.timeout(150)
 
 
-def story(wordpress, job_id):
-    """Every callback WordPress took in for the job, in order: (status, what it answered)."""
-    return [(c.body["status"], c.status_returned) for c in wordpress.received if c.body["job_id"] == job_id]
-
-
 def statuses(wordpress, job_id):
     return [status for status, _ in story(wordpress, job_id)]
-
-
-def record(aws, job_id) -> JobRecord:
-    found = RecordStore(aws.s3, aws.bucket, "transcripts/").read(job_id)
-    assert found and found[0] is not None
-    return found[0]
-
-
-def dead_codes(aws):
-    return [m["MessageAttributes"]["error_code"]["StringValue"] for m in aws.dlq_messages()]
 
 
 def redrive_all(aws, job_ids=None) -> int:
