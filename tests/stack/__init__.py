@@ -55,13 +55,13 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path, *, ti
     wait_for(healthy, timeout=timeout, interval=0.1, what=f"{what} /health")
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 10 s: a test server never outlives its test."""
+def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: a test server never outlives its test."""
     if proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.stack import wait_for
+from tests.stack import stop_process, wait_for
 
 WORDPRESS = Path("/usr/share/wordpress")
 PLUGIN_SLUG = "salestrainer-sidecar"
@@ -133,13 +133,7 @@ class WordPressSite:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_process(proc, grace=15)  # MariaDB flushes its tables on SIGTERM
 
     def _spawn(self, args: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
