@@ -137,12 +137,13 @@ def probe(path: Path, *, max_seconds: float | None = None) -> AudioInfo:
     if size == 0:
         raise PermanentError("the object is 0 bytes: nothing was uploaded", code="unsupported_audio")
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with audio_split.open_input(path) as container:
             info = _probe_open(container, size, max_seconds=max_seconds)
         if info.container == "wav":  # the data chunk's size is a claim too: read to the end of the file
             to_end = audio_measure.measure_wav_to_end(str(path), max_seconds=max_seconds,
                                                       header=info.header_duration)
-            info = dataclasses.replace(info, duration=max(info.duration, to_end))
+            if to_end is not None:
+                info = dataclasses.replace(info, duration=max(info.duration, to_end))
     except (av.FFmpegError, OSError) as exc:
         raise translate_av_error(exc) from exc
     if info.header_duration is not None and info.duration > info.header_duration * audio_split.TOO_LONG_SLACK + 1:

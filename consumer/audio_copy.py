@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from consumer import audio_measure
-from consumer.audio_split import RATE, TOO_LONG_SLACK, Chunk, Samples, SplitPlan, quietest_point
+from consumer.audio_split import RATE, TOO_LONG_SLACK, Chunk, Samples, SplitPlan, open_input, quietest_point
 from consumer.errors import PermanentError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class _Part:
 def copy_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan, max_bytes: int | None,
                max_seconds: float | None = None) -> Iterator[Chunk]:
     """Copy `source`'s audio packets into parts in `workdir`, cut at pauses near `plan`'s boundaries."""
-    with av.open(str(source), metadata_errors="ignore") as container:
+    with open_input(source) as container:
         stream = container.streams.best("audio")
         if stream is None:
             raise av.error.InvalidDataError(1094995529, "no audio stream")

@@ -31,7 +31,7 @@ from typing import Any
 
 import av
 
-from consumer.audio_split import TOO_LONG_SLACK
+from consumer.audio_split import TOO_LONG_SLACK, open_input
 from consumer.errors import PermanentError
 
 # Codecs whose every packet decodes to the same number of samples (AAC: 1024, MP3: 1152 or 576, ...).
@@ -129,9 +129,10 @@ def _opus_pre_skip(extradata: bytes | None) -> int:
     return int.from_bytes(extradata[10:12], "little")
 
 
-def measure_wav_to_end(path: str, *, max_seconds: float | None, header: float | None) -> float:
-    """A WAV's length read to the end of the file, past whatever its data chunk's size says, unless what
-    follows the declared data is a well-formed chain of RIFF chunks (metadata), which is not audio."""
+def measure_wav_to_end(path: str, *, max_seconds: float | None, header: float | None) -> float | None:
+    """A WAV's length read to the end of the file, past whatever its data chunk's size says; None when what
+    follows the declared data is a well-formed chain of RIFF chunks (metadata, or nothing), which is not
+    audio: FFmpeg's own reading, up to the declared size, measured it all already."""
     # The wav demuxer's `ignore_length` (libavformat/wavdec.c; documented in ffmpeg-devel PR #23414:
     # "keep reading until the end of the file ... will misinterpret files with non-audio chunks after the
     # data chunk"). Without it FFmpeg stops at the declared size (observed with PyAV 18 / FFmpeg 8), so a
@@ -139,8 +140,9 @@ def measure_wav_to_end(path: str, *, max_seconds: float | None, header: float | 
     # of 0 and 0xFFFFFFFF (streaming writers) are read to the end either way. A legitimate file may carry
     # LIST, id3, bext or iXML chunks after `data` (a megabyte of cover art reads as ~30 s of audio), so the
     # declared size is believed when the bytes after it are exactly such a chain up to the end of the file.
-    options = {} if _chunks_after_data_are_metadata(path) else {"ignore_length": "1"}
-    with av.open(path, metadata_errors="ignore", options=options) as container:
+    if _chunks_after_data_are_metadata(path):
+        return None
+    with open_input(path, {"ignore_length": "1"}) as container:
         stream = container.streams.best("audio")
         if stream is None:
             return 0.0
