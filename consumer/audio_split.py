@@ -60,7 +60,7 @@ def open_input(path: Path | str, options: dict[str, str] | None = None) -> Any:
         head = fh.read(12)
     wav = head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE"
     merged = {**WAV_OPEN_OPTIONS, **(options or {})} if wav else options
-    return av.open(str(path), metadata_errors="ignore", **({"options": merged} if merged else {}))
+    return av.open(str(path), "r", metadata_errors="ignore", options=merged or None)
 
 
 def pcm_blocks(path: Path, *, max_seconds: float | None = None) -> Iterator[Samples]:
