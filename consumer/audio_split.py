@@ -38,6 +38,10 @@ CUT_MARGIN_SECONDS = 1.0  # slack under max_seconds for encoder padding and roun
 # Cut for latency no finer than this: shorter parts add boundaries (words split, context lost) and
 # requests (each with its fixed latency) for little gain.
 MIN_PART_SECONDS = 60.0
+# The transcode takes its samples in blocks this long: the cuts fall on the same samples whatever the
+# block, and 10 s blocks cost a hundredth of 100 ms blocks' per-block Python work (an hour of 48 kHz
+# WAV: about 1 s of CPU, a third of the transcode, on a long recording's critical path).
+TRANSCODE_BLOCK = 10 * RATE
 # libopus takes 16 kHz input directly in this PyAV build (`av.codec.Codec("libopus", "w").audio_rates`
 # lists 8/12/16/24/48 kHz), so we encode at 16 kHz and skip a pointless upsample to 48 kHz; Ogg/Opus
 # always records granules at 48 kHz, and decoders output 48 kHz whatever we feed in.
@@ -63,23 +67,24 @@ def open_input(path: Path | str, options: dict[str, str] | None = None) -> Any:
     return av.open(str(path), "r", metadata_errors="ignore", options=merged or None)
 
 
-def pcm_blocks(path: Path, *, max_seconds: float | None = None) -> Iterator[Samples]:
-    """Decode the best audio stream to 100 ms blocks of 16 kHz mono int16, streaming; video is skipped.
+def pcm_blocks(path: Path, *, max_seconds: float | None = None, block: int = BLOCK) -> Iterator[Samples]:
+    """Decode the best audio stream to blocks of `block` 16 kHz mono int16 samples (100 ms unless told),
+    streaming; video is skipped.
 
     `max_seconds` bounds what is decoded: a header may understate the duration (MAX_AUDIO_SECONDS is
     checked against it first), and only counting decoded samples catches that.
     """
     limit = None if max_seconds is None else int(max_seconds * TOO_LONG_SLACK * RATE)
     decoded = 0
-    for block in _pcm_blocks(path):
-        decoded += len(block)
+    for samples in _pcm_blocks(path, block):
+        decoded += len(samples)
         if limit is not None and decoded > limit:
             raise PermanentError(f"recording decodes to more than {max_seconds:.0f} s (MAX_AUDIO_SECONDS), "
                                  "whatever its header says", code="audio_too_long")
-        yield block
+        yield samples
 
 
-def _pcm_blocks(path: Path) -> Iterator[Samples]:
+def _pcm_blocks(path: Path, block: int) -> Iterator[Samples]:
     with open_input(path) as container:
         stream = container.streams.best("audio")
         if stream is None:
@@ -102,7 +107,7 @@ def _pcm_blocks(path: Path) -> Iterator[Samples]:
                 if frame_shape != shape:  # a stream may change layout mid-way; swresample cannot follow
                     if resampler is not None:
                         yield from _drain(resampler)
-                    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE, frame_size=BLOCK)
+                    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE, frame_size=block)
                     shape = frame_shape
                 frame.pts = None  # timestamps are irrelevant here: offsets are counted in samples
                 for out in resampler.resample(frame):
@@ -287,7 +292,7 @@ def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
         return chunk
 
     try:
-        for block in pcm_blocks(source, max_seconds=max_seconds):
+        for block in pcm_blocks(source, max_seconds=max_seconds, block=TRANSCODE_BLOCK):
             queue.push(block)
             while boundary is not None and queue.end >= boundary + plan.window:
                 lo = max(boundary - plan.window, chunk_start + 1)
