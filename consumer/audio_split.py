@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +43,7 @@ MIN_PART_SECONDS = 60.0
 # block, and 10 s blocks cost a hundredth of 100 ms blocks' per-block Python work (an hour of 48 kHz
 # WAV: about 1 s of CPU, a third of the transcode, on a long recording's critical path).
 TRANSCODE_BLOCK = 10 * RATE
+ENCODE_AHEAD = 4  # decoded blocks that may wait for the encoder's thread (40 s: 1.3 MB)
 # libopus takes 16 kHz input directly in this PyAV build (`av.codec.Codec("libopus", "w").audio_rates`
 # lists 8/12/16/24/48 kHz), so we encode at 16 kHz and skip a pointless upsample to 48 kHz; Ogg/Opus
 # always records granules at 48 kHz, and decoders output 48 kHz whatever we feed in.
@@ -236,41 +238,69 @@ class _Queue:
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """Where to cut, in samples: nominal boundaries every `grid`, each searched `window` either side."""
+    """Where to cut, in samples: nominal boundaries (the first `grid` in, each part after it `taper` times the
+    one before), each searched `window` either side."""
 
-    grid: int | None  # None: one chunk, however long
+    grid: int | None  # the first part's nominal length; None: one chunk, however long
     window: int
     longest: int | None  # no chunk may hold more samples than this
     count: int = 1  # chunks the expected duration makes (one more if the audio runs longer than expected)
+    taper: float = 1.0  # each nominal part this times as long as the one before (1: all equal)
 
     @classmethod
-    def make(cls, *, max_seconds: float | None, expected_seconds: float, parts_hint: int = 1) -> SplitPlan:
-        """Spread the expected duration over equal chunks: the fewest under max_seconds, at least `parts_hint`.
+    def make(cls, *, max_seconds: float | None, expected_seconds: float, parts_hint: int = 1,
+             taper: float = 1.0) -> SplitPlan:
+        """Spread the expected duration over chunks: the fewest under max_seconds, at least `parts_hint`.
 
-        Parts sent side by side finish together when they are equally long, so a recording is cut into
-        `parts_hint` parts (TRANSCRIBE_PARALLELISM) for latency, none shorter than `MIN_PART_SECONDS`;
-        more only where max_seconds demands it."""
+        Parts sent side by side finish together when they are equally long and ready together, so a
+        recording is cut into `parts_hint` parts (TRANSCRIBE_PARALLELISM) for latency, none shorter than
+        `MIN_PART_SECONDS`; more only where max_seconds demands it. A cut that makes its parts one after
+        another (a transcode) passes `taper` < 1: each part is then that much shorter than the one before,
+        since it is ready later, so that all finish about together (not when the parts are sent one at a
+        time, nor when max_seconds makes more parts than go at once or leaves no room for a longer first)."""
         wanted = max(1, min(parts_hint, math.floor(expected_seconds / MIN_PART_SECONDS)))
+        taper = taper if wanted > 1 else 1.0
         if max_seconds is None or math.isinf(max_seconds):
             if wanted == 1:
                 return cls(grid=None, window=0, longest=None)
-            grid = expected_seconds / wanted
-            return cls(grid=round(grid * RATE), window=round(min(CUT_WINDOW_SECONDS, grid / 4) * RATE), longest=None,
-                       count=wanted)
+            first, last = _tapered(expected_seconds, wanted, taper)
+            return cls(grid=round(first * RATE), window=round(min(CUT_WINDOW_SECONDS, last / 4) * RATE),
+                       longest=None, count=wanted, taper=taper)
         window = min(CUT_WINDOW_SECONDS, max_seconds / 8)
         longest = max_seconds - CUT_MARGIN_SECONDS
         # A cut may move `window` either way, so a chunk can be up to grid + 2 * window long.
         usable = longest - 2 * window
         count = max(wanted, math.ceil(expected_seconds / usable))
-        grid = expected_seconds / count if count > 1 else usable
+        if count > wanted or _tapered(expected_seconds, count, taper)[0] > usable:
+            taper = 1.0  # the cap makes the parts: more than go at once wait for a turn, not for the cut
+        first, last = _tapered(expected_seconds, count, taper)
+        grid = first if count > 1 else usable
         if count > 1:
-            window = min(window, grid / 4)
+            window = min(window, last / 4)
         return cls(grid=round(grid * RATE), window=round(window * RATE), longest=math.floor(longest * RATE),
-                   count=count)
+                   count=count, taper=taper if count > 1 else 1.0)
+
+    def boundary(self, n: int) -> int | None:
+        """The nominal end of part n - 1 (n >= 1), in samples; past `count` parts each as long as the last."""
+        if self.grid is None:
+            return None
+        if self.taper == 1.0 or n <= 0:
+            return n * self.grid
+        lengths = [round(self.grid * self.taper**i) for i in range(min(n, self.count))]
+        return sum(lengths) + (n - len(lengths)) * lengths[-1]
 
     def key(self) -> str:
         """What determines where the cuts fall, as a string: equal keys, equal parts (for one recording)."""
-        return f"grid={self.grid},window={self.window},longest={self.longest},count={self.count}"
+        taper = "" if self.taper == 1.0 else f",taper={self.taper:g}"
+        return f"grid={self.grid},window={self.window},longest={self.longest},count={self.count}{taper}"
+
+
+def _tapered(total: float, count: int, taper: float) -> tuple[float, float]:
+    """The first and last of `count` lengths summing to `total`, each `taper` times the one before."""
+    if count <= 1 or taper == 1.0:
+        return total / count, total / count
+    first = total * (1 - taper) / (1 - taper**count)
+    return first, first * taper ** (count - 1)
 
 
 def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
@@ -278,14 +308,16 @@ def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
     """Decode `source` once into 16 kHz mono chunks in `workdir` (Ogg/Opus, or FLAC), cut at pauses; each
     yielded when closed."""
     queue = _Queue()
-    written, chunk_start, boundary = 0, 0, plan.grid
+    written, chunk_start, boundary = 0, 0, plan.boundary(1)
     ext = encoding.extension
+    encoder = _Encoder()
     current = _EncodedFile(workdir / f"{stem}.part{written:03d}.{ext}", encoding)
 
     def cut_at(index: int) -> Chunk:
         nonlocal current, chunk_start, written
-        current.write(queue.pop_until(index))
-        current.close()
+        encoder.submit(current.write, queue.pop_until(index))
+        encoder.submit(current.close)
+        encoder.drain()
         chunk = Chunk(path=current.path, offset=chunk_start / RATE, duration=current.samples / RATE)
         chunk_start, written = index, written + 1
         current = _EncodedFile(workdir / f"{stem}.part{written:03d}.{ext}", encoding)
@@ -297,18 +329,22 @@ def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
             while boundary is not None and queue.end >= boundary + plan.window:
                 lo = max(boundary - plan.window, chunk_start + 1)
                 yield cut_at(lo + quietest_point(queue.peek(lo, boundary + plan.window), boundary - lo))
-                boundary += plan.grid or 0
+                boundary = plan.boundary(written + 1)
             hold_from = queue.end if boundary is None else boundary - plan.window
-            current.write(queue.pop_until(hold_from))
+            encoder.submit(current.write, queue.pop_until(hold_from))
         if plan.longest is not None and boundary is not None and queue.end - chunk_start > plan.longest:
             # Longer than the probe said and ended inside a search window: cut in what there is.
             lo = max(boundary - plan.window, chunk_start + 1)
             yield cut_at(lo + quietest_point(queue.peek(lo, queue.end), boundary - lo))
-        current.write(queue.pop_until(queue.end))
-        current.close()
+        encoder.submit(current.write, queue.pop_until(queue.end))
+        encoder.submit(current.close)
+        encoder.drain()
     except BaseException:
+        encoder.stop()  # before closing: the encoder's thread may be writing into the file
         current.container.close()
         raise
+    finally:
+        encoder.stop()
     path = current.path
     if current.samples == 0 and written:  # ended exactly on a cut
         path.unlink()
@@ -317,3 +353,27 @@ def transcode_split(source: Path, workdir: Path, *, stem: str, plan: SplitPlan,
     if not written and single != source:  # a single file needs no part number
         path = path.replace(single)
     yield Chunk(path=path, offset=chunk_start / RATE, duration=current.samples / RATE)
+
+
+class _Encoder:
+    """Runs a transcode's writes, in order, on a thread of its own. PyAV releases the GIL while FFmpeg
+    encodes and resamples, so encoding a block overlaps decoding and resampling the next one: on a second
+    core an hour of 48 kHz WAV is cut in about the time of the decode alone, the FLAC encode (the larger
+    half) off the critical path. At most `ENCODE_AHEAD` blocks wait, so memory stays bounded."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        self.pending: deque[Future[None]] = deque()
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self.pending.append(self.pool.submit(write, *args))
+        while len(self.pending) > ENCODE_AHEAD:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        """Wait for every write so far; re-raise the first that failed."""
+        while self.pending:
+            self.pending.popleft().result()
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -453,6 +453,81 @@ def test_part_count_is_chosen_for_latency(seconds: float, hint: int, cap: float 
         assert plan.window <= (plan.grid or 0) / 4
 
 
+@pytest.mark.parametrize(("cap", "count"), [(1260, 8), (None, 8), (766, 8)])
+def test_parts_cut_one_after_another_get_shorter(cap: float | None, count: int) -> None:
+    """A tapered plan: each nominal part `taper` times the one before, summing to the recording, the first
+    (the longest) under the cap, windows clear of the shortest part; not tapered for one request at a time."""
+    plan = audio_split.SplitPlan.make(max_seconds=cap, expected_seconds=3600, parts_hint=8, taper=0.96)
+    assert plan.count == count and plan.taper == 0.96 and "taper=0.96" in plan.key(), plan
+    ends = [plan.boundary(n) or 0 for n in range(count + 1)]
+    lengths = np.diff(ends)
+    assert ends[count] == pytest.approx(3600 * RATE, abs=count)
+    assert lengths[1:] / lengths[:-1] == pytest.approx(0.96, abs=1e-4)
+    assert cap is None or lengths[0] + 2 * plan.window <= (cap - audio_split.CUT_MARGIN_SECONDS) * RATE
+    assert plan.window <= lengths[-1] / 4
+    assert plan.boundary(count + 2) == ends[count] + 2 * lengths[-1]  # audio longer than measured
+    one_at_a_time = audio_split.SplitPlan.make(max_seconds=cap, expected_seconds=3600, parts_hint=1, taper=0.96)
+    assert one_at_a_time.taper == 1.0 and "taper" not in one_at_a_time.key()
+
+
+@pytest.mark.parametrize(("cap", "hint", "count"), [(300, 8, 13), (530, 8, 8)])
+def test_parts_the_cap_makes_stay_equal(cap: float, hint: int, count: int) -> None:
+    """More parts than go at once (they wait for a turn, not for the cut), or no room under the cap for a
+    longer first part: equal parts, as many as without a taper."""
+    plan = audio_split.SplitPlan.make(max_seconds=cap, expected_seconds=3600, parts_hint=hint, taper=0.96)
+    assert plan == audio_split.SplitPlan.make(max_seconds=cap, expected_seconds=3600, parts_hint=hint)
+    assert plan.count == count and plan.taper == 1.0
+
+
+def test_equal_parts_keep_their_plan() -> None:
+    """Without a taper the boundaries and the plan's key are what they were: parts stored by earlier code
+    (WebM/Opus packet copies) are still found by their plan on a retry."""
+    plan = audio_split.SplitPlan.make(max_seconds=1260, expected_seconds=3600, parts_hint=8)
+    assert plan.key() == "grid=7200000,window=160000,longest=20144000,count=8"
+    assert [plan.boundary(n) for n in (1, 2, 9)] == [7_200_000, 14_400_000, 64_800_000]
+
+
+def decoded_pcm(path: Path) -> np.ndarray:
+    return np.concatenate(list(audio_split.pcm_blocks(path)))
+
+
+@pytest.mark.timeout(300)
+def test_a_wav_is_cut_into_shorter_and_shorter_lossless_parts(half_hour: Recording, tmp_path: Path) -> None:
+    """Sent side by side, a WAV's FLAC parts shorten one after another (the last is ready last), every cut
+    in a pause, the parts together exactly the recording's samples, and the same parts every time."""
+    limits = AudioLimits(max_seconds=1260, formats=API_FORMATS)
+    runs = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        cut = audio.cut(half_hour.path, probe(half_hour.path), limits, tmp_path / run, parts_hint=8)
+        parts = list(cut.parts)
+        runs.append((cut.plan, [(p.filename, p.offset, p.duration, p.path.read_bytes()) for p in parts]))
+    assert runs[0] == runs[1]
+    assert f"taper={audio.TRANSCODE_TAPER:g}" in runs[0][0] and len(parts) == 8
+    check_chunks(parts, half_hour, limits)
+    durations = [p.duration or 0.0 for p in parts]
+    nominal = [half_hour.seconds * (1 - audio.TRANSCODE_TAPER) / (1 - audio.TRANSCODE_TAPER**8)
+               * audio.TRANSCODE_TAPER**i for i in range(8)]
+    window = audio_split.CUT_WINDOW_SECONDS
+    assert all(n - 2 * window <= d <= n + 2 * window for n, d in zip(nominal, durations, strict=True))
+    assert durations[0] > durations[-1] + 40
+    together = np.concatenate([decoded_pcm(p.path) for p in parts])
+    assert np.array_equal(together, decoded_pcm(half_hour.path))  # FLAC: not a sample lost or changed
+
+
+def test_the_transcode_block_size_changes_no_byte(half_hour: Recording, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transcode reads 10 s blocks for speed; 100 ms blocks cut the same parts, byte for byte."""
+    limits = AudioLimits(max_seconds=600, formats=API_FORMATS)
+    made, big, small = {}, audio_split.TRANSCODE_BLOCK, audio_split.BLOCK
+    for block in (big, small):
+        monkeypatch.setattr(audio_split, "TRANSCODE_BLOCK", block)
+        (tmp_path / str(block)).mkdir()
+        cut = audio.cut(half_hour.path, probe(half_hour.path), limits, tmp_path / str(block), parts_hint=4)
+        made[block] = [(p.offset, p.path.read_bytes()) for p in cut.parts]
+    assert made[big] == made[small] and len(made[small]) == 4
+
+
 def test_a_short_recording_the_api_takes_goes_as_it_is_whatever_the_hint(tmp_path: Path) -> None:
     info = probe(FIXTURES / "chrome.webm")
     cut = audio.cut(FIXTURES / "chrome.webm", info, API, tmp_path, parts_hint=8)
