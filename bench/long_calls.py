@@ -10,12 +10,15 @@ The OpenAI stand-in answers after `fixed + per_second x` the seconds of audio it
 Defaults FIXED_S = 1.0 and PER_AUDIO_SECOND = 0.02 (assumed, not observed OpenAI figures: a 20-minute part
 takes 25 s); BENCH_LONG_FIXED_S and BENCH_LONG_PER_AUDIO_SECOND override them for a run.
 
-For each recording, one fresh daemon per run, the job sent once the recording is in S3:
+One daemon at the default settings and one at TRANSCRIBE_PARALLELISM=1 each take every recording in turn,
+each job sent once its recording is in S3:
     wall        SendMessage to the callback's arrival, at the default TRANSCRIBE_PARALLELISM and at 1 (the
                 daemon then chooses its parts for one request at a time); the parts of the default run sent
                 one after another is computed (download + the sum of their times), not run
     bound       download (the daemon's own `download` stage) + the slowest single part's transcription
-                (fixed + per_second x its seconds): no schedule of the parts can beat it
+                (fixed + per_second x its seconds): no schedule of the parts can beat it; beside it the
+                bound had the same parts been equal (download + fixed + per_second x the mean part), since
+                the daemon shortens later parts of a transcode, which lengthens its slowest part
     prepare     probe + prepare of the same file with gpt-transcribe's limits and the default parallelism in
                 a spawned child process: its CPU seconds (time.process_time() in the child), and the parts
     first part  SendMessage to the stand-in's receipt of the first part (is sending overlapped with cutting?),
@@ -39,7 +42,6 @@ import av
 import numpy as np
 
 from bench.common import Bench, figure
-from bench.latency import _stage_means
 from bench.stack import ROOT, send_job, write_wav
 from consumer.settings import Settings
 from tests.stack.openai_stub import TranscriptionRequest, audio_duration
@@ -126,32 +128,51 @@ def prepare_cpu(b: Bench, path: Path) -> dict[str, Any]:
     return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()}
 
 
-def one_job(b: Bench, path: Path, seconds: float, *, fixed: float, per_second: float,
-            **settings: Any) -> dict[str, Any]:
+def run_jobs(b: Bench, recordings: list[tuple[Path, float]], *, fixed: float, per_second: float,
+             **settings: Any) -> list[dict[str, Any]]:
+    """Each recording sent as one job, one after another, to one daemon with `settings`.
+
+    One daemon for all the recordings: a daemon's start (about 5 s) and stop (up to 20 s, its last long
+    poll) would otherwise be most of this benchmark's time. Its figures per job are differences of its
+    counters taken before and after the job."""
     aws = b.stack()
-    key = f"audio/call{path.suffix}"
+    out = []
+    b.openai.latency, b.openai.latency_per_audio_second = fixed, per_second
+    try:
+        with b.daemon(aws, CONCURRENCY=4, TRANSCRIBE_TIMEOUT=600, **settings) as d:
+            time.sleep(1.0)
+            for path, seconds in recordings:
+                out.append(one_job(b, aws, d, path, seconds, fixed=fixed, per_second=per_second,
+                                   label=str(settings.get("TRANSCRIBE_PARALLELISM", "default"))))
+    finally:
+        b.openai.latency, b.openai.latency_per_audio_second, b.openai.on_request = 0.0, 0.0, None
+    return out
+
+
+def one_job(b: Bench, aws: Any, d: Any, path: Path, seconds: float, *, fixed: float, per_second: float,
+            label: str) -> dict[str, Any]:
+    key = f"audio/{path.name}"
     aws.s3.upload_file(str(path), aws.bucket, key)
     arrivals: list[tuple[float, float]] = []
 
     def seen(request: TranscriptionRequest) -> None:
-        arrivals.append((time.monotonic(), audio_duration(request.data)))
+        seconds = request.seconds if request.seconds is not None else audio_duration(request.data)
+        arrivals.append((time.monotonic(), seconds))  # as the stand-in measured it (check() did)
 
-    b.openai.latency, b.openai.latency_per_audio_second, b.openai.on_request = fixed, per_second, seen
-    job = f"long-{path.stem}-{settings.get('TRANSCRIBE_PARALLELISM', 'default')}-{int(time.monotonic())}"
+    b.openai.on_request = seen
+    job = f"long-{path.stem}-{label}-{int(time.monotonic())}"
     try:
-        with b.daemon(aws, CONCURRENCY=4, TRANSCRIBE_TIMEOUT=600, **settings) as d:
-            time.sleep(1.0)
-            cpu0 = d.cpu_seconds()
-            sent = time.monotonic()
-            send_job(aws, job, key)
-            arrived = b.receiver.wait_job(job, timeout=60 + 4 * seconds * per_second + 20 * fixed)
-            if arrived is None:
-                raise RuntimeError(f"no callback for {path.name}")
-            cpu = d.cpu_seconds() - cpu0
-            stages = _stage_means(d.metrics())
+        before, cpu0 = d.metrics(), d.cpu_seconds()
+        sent = time.monotonic()
+        send_job(aws, job, key)
+        arrived = b.receiver.wait_job(job, timeout=60 + 4 * seconds * per_second + 20 * fixed)
+        if arrived is None:
+            raise RuntimeError(f"no callback for {path.name}")
+        cpu = d.cpu_seconds() - cpu0
+        stages = _stage_delta(before, _metrics_after(d, before))
     finally:
-        b.openai.latency, b.openai.latency_per_audio_second, b.openai.on_request = 0.0, 0.0, None
-        aws.s3.delete_object(Bucket=aws.bucket, Key=key)  # moto holds objects in memory: 346 MB an hour of WAV
+        b.openai.on_request = None
+        aws.s3.delete_object(Bucket=aws.bucket, Key=key)  # moto keeps objects in memory: 346 MB an hour of WAV
     b.receiver.check([job])
     parts = [round(s, 1) for _, s in arrivals]
     slowest = fixed + per_second * max(parts)
@@ -160,29 +181,61 @@ def one_job(b: Bench, path: Path, seconds: float, *, fixed: float, per_second: f
             "first_part_sent_after_s": round(min(t for t, _ in arrivals) - sent, 2),
             "last_part_sent_after_s": round(max(t for t, _ in arrivals) - sent, 2),
             "download_s": round(download, 2), "slowest_part_s": round(slowest, 2),
-            "lower_bound_s": round(download + slowest, 2), "stage_means_ms": stages,
+            "lower_bound_s": round(download + slowest, 2), "stage_ms": stages,
+            # the bound had the same audio been cut into equal parts (tapered parts raise the slowest one)
+            "equal_parts_bound_s": round(download + fixed + per_second * sum(parts) / len(parts), 2),
             # what the same parts would take sent one after another: computed from the stand-in's rule
             "same_parts_in_sequence_s": round(download + sum(fixed + per_second * p for p in parts), 2)}
 
 
-def measure(b: Bench, kind: str, minutes: int, *, fixed: float, per_second: float) -> dict[str, Any]:
-    """Prepare CPU, and the job at the default parallelism and at 1, for one recording."""
-    path = recording(kind, minutes, b.say)
-    name = f"{kind}-{minutes}"
-    b.say(f"long: {name}: {path.stat().st_size / 1e6:.1f} MB; prepare in a child process")
-    prep = prepare_cpu(b, path)
-    b.say(f"long: {name}: prepare {prep['cpu_s']:.1f} CPU s, {prep['wall_s']:.1f} s wall, parts {prep['parts']}")
-    runs = {}
-    for label, settings in (("parallel", {}), ("sequential", {"TRANSCRIBE_PARALLELISM": 1})):
-        runs[label] = r = one_job(b, path, minutes * 60.0, fixed=fixed, per_second=per_second, **settings)
-        b.say(f"long: {name}: {label}: {r['wall_s']} s from send to callback (bound {r['lower_bound_s']} s), "
-              f"parts {r['parts_sent_s']}, first part after {r['first_part_sent_after_s']} s, "
-              f"last after {r['last_part_sent_after_s']} s")
-    par, seq = runs["parallel"], runs["sequential"]
-    return {"kind": kind, "minutes": minutes, "recording": DESCRIBE[kind], "bytes": path.stat().st_size,
-            "audio_s": minutes * 60.0, "prepare": prep, "runs": runs,
-            "over_bound": round(par["wall_s"] / par["lower_bound_s"], 2),
-            "speedup": round(seq["wall_s"] / par["wall_s"], 2)}
+def _metrics_after(d: Any, before: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """/metrics once the job's stages are in: the callback can arrive before the daemon observes them."""
+    done = ("sidecar_stage_duration_seconds_count", 'stage="callback"')
+    deadline = time.monotonic() + 10
+    while True:
+        after = d.metrics()
+        if after.get(done, 0.0) > before.get(done, 0.0) or time.monotonic() > deadline:
+            return dict(after)
+        time.sleep(0.05)
+
+
+def _stage_delta(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Milliseconds per stage of the one job run between the two /metrics readings."""
+    out = {}
+    for (name, labels), value in after.items():
+        if name == "sidecar_stage_duration_seconds_sum":
+            count_key = ("sidecar_stage_duration_seconds_count", labels)
+            count = after.get(count_key, 0.0) - before.get(count_key, 0.0)
+            if count:
+                out[labels.split('"')[1]] = round((value - before.get((name, labels), 0.0)) / count * 1000, 1)
+    return dict(sorted(out.items()))
+
+
+def measure(b: Bench, minutes: tuple[int, ...], *, fixed: float, per_second: float) -> list[dict[str, Any]]:
+    """Prepare CPU for each recording, then every recording through a daemon at the default parallelism and
+    through one at 1."""
+    todo = [(kind, m, recording(kind, m, b.say)) for m in minutes for kind in KINDS]
+    preps = []
+    for _, _, path in todo:
+        b.say(f"long: {path.name}: {path.stat().st_size / 1e6:.1f} MB; prepare in a child process")
+        preps.append(prep := prepare_cpu(b, path))
+        b.say(f"long: {path.name}: prepare {prep['cpu_s']:.1f} CPU s, {prep['wall_s']:.1f} s wall, "
+              f"parts {prep['parts']}")
+    jobs = [(path, m * 60.0) for _, m, path in todo]
+    runs = {label: run_jobs(b, jobs, fixed=fixed, per_second=per_second, **settings)
+            for label, settings in (("parallel", {}), ("sequential", {"TRANSCRIBE_PARALLELISM": 1}))}
+    out = []
+    for i, (kind, m, path) in enumerate(todo):
+        par, seq = runs["parallel"][i], runs["sequential"][i]
+        for label, r in (("parallel", par), ("sequential", seq)):
+            b.say(f"long: {path.name}: {label}: {r['wall_s']} s from send to callback (bound {r['lower_bound_s']} s),"
+                  f" parts {r['parts_sent_s']}, first part after {r['first_part_sent_after_s']} s, "
+                  f"last after {r['last_part_sent_after_s']} s")
+        out.append({"kind": kind, "minutes": m, "recording": DESCRIBE[kind], "bytes": path.stat().st_size,
+                    "audio_s": m * 60.0, "prepare": preps[i], "runs": {"parallel": par, "sequential": seq},
+                    "over_bound": round(par["wall_s"] / par["lower_bound_s"], 2),
+                    "speedup": round(seq["wall_s"] / par["wall_s"], 2)})
+    return out
 
 
 def figures(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -199,6 +252,8 @@ def figures(r: dict[str, Any]) -> list[dict[str, Any]]:
         figure(f"{what}: lower bound: download + slowest part", par["lower_bound_s"], "s", key=f"{prefix}lower_bound"),
         figure(f"{what}: wall / lower bound", over, "x", target=f"<= {BOUND_TARGET}" if judged else "",
                met=over <= BOUND_TARGET if judged else None, key=f"{prefix}over_bound"),
+        figure(f"{what}: wall / the bound for equal parts (download + audio / parts)",
+               round(par["wall_s"] / par["equal_parts_bound_s"], 2), "x", key=f"{prefix}over_equal_parts_bound"),
         figure(f"{what}: send to callback, parts one after another (=1)", seq["wall_s"], "s",
                key=f"{prefix}wall_sequential"),
         figure(f"{what}: sequential / parallel", speedup, "x", target=f">= {SEQUENTIAL_TARGET:g}" if judged else "",
@@ -215,8 +270,7 @@ def figures(r: dict[str, Any]) -> list[dict[str, Any]]:
 def run(b: Bench) -> dict[str, Any]:
     fixed = float(os.environ.get("BENCH_LONG_FIXED_S", FIXED_S))
     per_second = float(os.environ.get("BENCH_LONG_PER_AUDIO_SECOND", PER_AUDIO_SECOND))
-    recordings = [measure(b, kind, minutes, fixed=fixed, per_second=per_second)
-                  for minutes in (QUICK_MINUTES if b.quick else MINUTES) for kind in KINDS]
+    recordings = measure(b, QUICK_MINUTES if b.quick else MINUTES, fixed=fixed, per_second=per_second)
     longest = max(r["minutes"] for r in recordings)
     return {"title": "Long recordings",
             "headline": max(r["over_bound"] for r in recordings if r["minutes"] == longest),
