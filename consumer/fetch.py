@@ -1,14 +1,16 @@
 """The fetch stage: one S3 object streamed to a private temp file, never whole in memory.
 
 The object's size is checked from the response headers before a byte of the body is read, and again
-while streaming. `head` serves the idempotency check of a redelivered job (is the recording still the one
-that was transcribed?). botocore errors are translated by `S3_ERRORS`.
+while streaming. The download runs beside the job's claim (pipeline.py), which may stop it: a copy of a
+job that is done or being re-sent from its record has no use for the recording. botocore errors are
+translated by `S3_ERRORS`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import BotoCoreError, ClientError
 
 from consumer.aws import translate_aws_error
-from consumer.errors import PermanentError
+from consumer.errors import PermanentError, RetryableError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -40,22 +42,13 @@ S3_ERRORS: dict[str, tuple[bool, str]] = {
 
 @dataclass(frozen=True)
 class AudioObject:
-    """What HEAD says about the recording."""
+    """What the GET's headers say about the recording."""
 
     bucket: str
     key: str
     size: int
     etag: str
     content_type: str | None = None
-
-
-def head(s3: S3Client, bucket: str, key: str) -> AudioObject:
-    """Size and ETag of the recording (raises audio_not_found, s3_unavailable)."""
-    try:
-        resp = s3.head_object(Bucket=bucket, Key=key)
-    except (ClientError, BotoCoreError) as exc:
-        raise translate_aws_error(exc, S3_ERRORS, default_code="s3_unavailable", what=f"s3://{bucket}/{key}") from exc
-    return AudioObject(bucket, key, int(resp["ContentLength"]), str(resp["ETag"]), resp.get("ContentType"))
 
 
 def check_size(obj: AudioObject, max_bytes: int) -> None:
@@ -67,13 +60,17 @@ def check_size(obj: AudioObject, max_bytes: int) -> None:
         )
 
 
-def download(s3: S3Client, bucket: str, key: str, dest: Path, *, max_bytes: int) -> AudioObject:
+def download(s3: S3Client, bucket: str, key: str, dest: Path, *, max_bytes: int,
+             stop: threading.Event | None = None) -> AudioObject:
     """Stream the object into dest (created 0600); its size is checked from the response headers first.
 
     One GET, no HEAD before it: the headers carry the size and ETag, and an oversized or empty object is
-    refused before a byte of its body is read.
+    refused before a byte of its body is read. Setting `stop` (the recording turned out not to be needed)
+    ends the download before the GET or at the next chunk, with RetryableError(download_stopped).
     """
     try:
+        if stop is not None and stop.is_set():
+            raise _stopped(bucket, key)
         resp = s3.get_object(Bucket=bucket, Key=key)
         body = resp["Body"]
         with contextlib.closing(body):  # a refused or failed download frees its connection
@@ -83,6 +80,8 @@ def download(s3: S3Client, bucket: str, key: str, dest: Path, *, max_bytes: int)
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
                 for chunk in body.iter_chunks(CHUNK_BYTES):
+                    if stop is not None and stop.is_set():
+                        raise _stopped(bucket, key)
                     written += len(chunk)
                     if written > max_bytes:
                         raise PermanentError(
@@ -93,3 +92,7 @@ def download(s3: S3Client, bucket: str, key: str, dest: Path, *, max_bytes: int)
     except (ClientError, BotoCoreError) as exc:
         raise translate_aws_error(exc, S3_ERRORS, default_code="s3_unavailable", what=f"s3://{bucket}/{key}") from exc
     return obj
+
+
+def _stopped(bucket: str, key: str) -> RetryableError:
+    return RetryableError(f"the download of s3://{bucket}/{key} was stopped: not needed", code="download_stopped")

@@ -1,7 +1,8 @@
 """The job pipeline: `Pipeline.process` lists the stages in order; each stage lives in its own module.
 
     validate (validate.py) -> claim (records.py: the job's record says what is left to do)
-        -> download (fetch.py) -> prepare (audio.py) -> transcribe (transcribe.py, parts stored as paid for)
+                              + download (fetch.py), side by side: neither pays for nor says anything
+        -> prepare (audio.py) -> transcribe (transcribe.py, parts stored as paid for)
         -> store (the transcript, and that `completed` is being sent) -> callback (deliver.py)
 
 What a delivery does is read from the job's record (jobrecord.py draws its states): a job whose
@@ -28,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +132,8 @@ class Pipeline:
         self.records = records
         self.gate = gate
         self.workdir = workdir
+        # Runs each attempt's claim beside its download (`_claim_and_download`): one at a time per worker.
+        self._side = futures.ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="claim")
 
     # ------------------------------------------------------------------ the claim, for the worker layer
 
@@ -175,34 +179,78 @@ class Pipeline:
         """Run every stage the job's record says is left; returns normally on success (incl. a duplicate)."""
         with self._stage(attempt, "validate"):
             job = attempt.job = parse_job(attempt.message, self.settings)
-        # Held until the message is settled (the worker releases it), failure callback included.
-        with self._stage(attempt, "claim"):
-            handle = attempt.handle = claim(self.records, job_id=job.job_id, s3_key=job.s3_key,
-                                            owner=attempt.owner, until=attempt.visible_until, now=time.time())
-            record = self._new_round(attempt, job, handle)
-        now = time.time()
-        state = record.state(now)
-        attempt.expired = now - record.first_seen > self.settings.max_job_age
-        if state is State.COMPLETED:
-            attempt.outcome = "duplicate"
-            return
-        if state in (State.FAILING, State.FAILED):  # told (or telling) WordPress `failed`: the worker finishes that
-            error = record.error or ErrorInfo(code="internal_error", message="failed", retryable=False)
-            raise PermanentError(error.message, code=error.code)
-        if state is State.COMPLETING:
-            if attempt.expired:
-                raise PermanentError("the completed callback was never acknowledged", code="callback_undelivered")
-            transcript, attempt.source, attempt.model = record.transcript, "cached", record.model
-        else:
-            if attempt.expired:
-                raise PermanentError(f"the job is older than MAX_JOB_AGE ({self.settings.max_job_age:.0f} s)",
-                                     code="job_expired")
-            transcript = self._transcribe(attempt, job, handle)
-            attempt.source, attempt.model = self.transcriber.source, self.transcriber.model
+        jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
+        try:
+            record, fetched = self._claim_and_download(attempt, job, jobdir / "original")
+            now = time.time()
+            state = record.state(now)
+            if state is State.COMPLETED:
+                attempt.outcome = "duplicate"
+                return
+            if state in (State.FAILING, State.FAILED):  # told (or telling) WordPress `failed`: the worker finishes that
+                error = record.error or ErrorInfo(code="internal_error", message="failed", retryable=False)
+                raise PermanentError(error.message, code=error.code)
+            if state is State.COMPLETING:
+                if attempt.expired:
+                    raise PermanentError("the completed callback was never acknowledged", code="callback_undelivered")
+                transcript, attempt.source, attempt.model = record.transcript, "cached", record.model
+            else:
+                if attempt.expired:
+                    raise PermanentError(f"the job is older than MAX_JOB_AGE ({self.settings.max_job_age:.0f} s)",
+                                         code="job_expired")
+                if isinstance(fetched, ConsumerError):
+                    attempt.stage = "download"
+                    raise fetched
+                assert attempt.handle is not None
+                transcript = self._transcribe(attempt, job, attempt.handle, fetched, jobdir)
+                attempt.source, attempt.model = self.transcriber.source, self.transcriber.model
+        finally:
+            shutil.rmtree(jobdir, ignore_errors=True)
         attempt.audio_seconds = (transcript.duration_seconds or 0.0) if transcript else 0.0
         with self._stage(attempt, "callback"):
             self.deliverer.post(self._payload(attempt, job, transcript=transcript))
         attempt.outcome = "completed"
+
+    def _claim_and_download(self, attempt: Attempt, job: JobMessage,
+                            dest: Path) -> tuple[JobRecord, fetch.AudioObject | ConsumerError]:
+        """The claim (an S3 write, in a side thread) and the recording's download, side by side.
+
+        Neither pays for nor says anything: the transcription waits for the claim. Side by side they save
+        the shorter of two round trips on every job; a delivery that finds the job done, failing or taken
+        (rare) stops its download as soon as the claim's answer is in, having read a chunk or so for nothing.
+        A download error is returned, not raised: it counts only if the record says the audio is needed."""
+        if attempt.cancelled:
+            raise RetryableError(f"stopped before claim: {CANCELLED[attempt.cancelled]}", code=attempt.cancelled)
+        not_needed = threading.Event()
+        claiming = self._side.submit(self._claim, attempt, job, not_needed)
+        fetched: fetch.AudioObject | ConsumerError
+        try:
+            with self._stage(attempt, "download"):
+                fetched = fetch.download(self.s3, job.s3_bucket or self.settings.s3_bucket or "", job.s3_key, dest,
+                                         max_bytes=self.settings.max_audio_bytes, stop=not_needed)
+        except ConsumerError as exc:
+            fetched = exc
+        finally:
+            futures.wait([claiming])  # it sets attempt.handle, which the worker reads once we return
+        attempt.stage = "claim"
+        return claiming.result(), fetched
+
+    def _claim(self, attempt: Attempt, job: JobMessage, not_needed: threading.Event) -> JobRecord:
+        start = time.monotonic()
+        try:
+            handle = attempt.handle = claim(self.records, job_id=job.job_id, s3_key=job.s3_key,
+                                            owner=attempt.owner, until=attempt.visible_until, now=time.time())
+            record = self._new_round(attempt, job, handle)
+        except BaseException:
+            not_needed.set()
+            raise
+        finally:
+            attempt.durations["claim"] = time.monotonic() - start
+        now = time.time()
+        attempt.expired = now - record.first_seen > self.settings.max_job_age
+        if attempt.expired or record.state(now) not in (State.RUNNING, State.WAITING):
+            not_needed.set()
+        return record
 
     def _new_round(self, attempt: Attempt, job: JobMessage, handle: JobHandle) -> JobRecord:
         """What this message changes in the story before it is read: another recording under a job_id that
@@ -220,30 +268,23 @@ class Pipeline:
             return handle.save(lambda r: r.redriven(redrive_id, now=now).claimed(handle.owner, attempt.visible_until))
         return record
 
-    def _transcribe(self, attempt: Attempt, job: JobMessage, handle: JobHandle) -> Transcript:
-        jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
-        bucket = job.s3_bucket or self.settings.s3_bucket or ""
+    def _transcribe(self, attempt: Attempt, job: JobMessage, handle: JobHandle, obj: fetch.AudioObject,
+                    jobdir: Path) -> Transcript:
+        path = jobdir / "original"
         limit = self.settings.max_audio_seconds
-        try:
-            with self._stage(attempt, "download"):
-                obj = fetch.download(self.s3, bucket, job.s3_key, jobdir / "original",
-                                     max_bytes=self.settings.max_audio_bytes)
-                path = jobdir / "original"
-            with self._stage(attempt, "prepare"):
-                info = audio.probe(path, max_seconds=limit)
-                audio.check_limits(info, max_bytes=self.settings.max_audio_bytes, max_seconds=limit)
-                speech = audio.has_speech(path, info, max_seconds=limit)
-                # Lazy: the parts are cut while the first ones are sent, in the transcribe stage.
-                cut = audio.cut(path, info, self.transcriber.limits, jobdir, max_total_seconds=limit,
-                                parts_hint=self.settings.transcribe_parallelism) if speech else None
-            with self._stage(attempt, "transcribe"):
-                if cut is None:
-                    transcript = Transcript(text="", duration_seconds=info.duration, no_speech=True)
-                else:
-                    self.gate.wait()
-                    transcript = self._call_transcriber(job, cut, handle, audio_etag=obj.etag)
-        finally:
-            shutil.rmtree(jobdir, ignore_errors=True)
+        with self._stage(attempt, "prepare"):
+            info = audio.probe(path, max_seconds=limit)
+            audio.check_limits(info, max_bytes=self.settings.max_audio_bytes, max_seconds=limit)
+            speech = audio.has_speech(path, info, max_seconds=limit)
+            # Lazy: the parts are cut while the first ones are sent, in the transcribe stage.
+            cut = audio.cut(path, info, self.transcriber.limits, jobdir, max_total_seconds=limit,
+                            parts_hint=self.settings.transcribe_parallelism) if speech else None
+        with self._stage(attempt, "transcribe"):
+            if cut is None:
+                transcript = Transcript(text="", duration_seconds=info.duration, no_speech=True)
+            else:
+                self.gate.wait()
+                transcript = self._call_transcriber(job, cut, handle, audio_etag=obj.etag)
         with self._stage(attempt, "store"):
             handle.save(lambda r: r.completing(transcript, model=self.transcriber.model, audio_etag=obj.etag))
         return transcript

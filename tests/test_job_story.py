@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+import wave
 
+import numpy as np
 import pytest
 
 from consumer.dlq import redrive
@@ -250,5 +252,68 @@ def test_a_new_job_costs_three_s3_requests_before_its_callback(make_settings, aw
     runner.join(60)
     assert not runner.is_alive() and story(wordpress, "rt") == [("completed", 200)]
     before = [op for op, seen in calls if seen == 0]
-    assert before == ["PUT rt.job.json", "GET rt.wav", "PUT rt.job.json"], calls
+    # The claim and the download go out side by side (either may be sent first); the transcript's PUT after.
+    assert sorted(before[:2]) == ["GET rt.wav", "PUT rt.job.json"] and before[2:] == ["PUT rt.job.json"], calls
     assert [op for op, seen in calls if seen] == ["PUT rt.job.json"]  # the acknowledgement, after
+
+
+def test_nothing_is_paid_for_before_the_claim_is_held(run_daemon, aws, openai_stub, wordpress):
+    """The claim runs beside the download, but every transcription request finds the claim already written."""
+    held: list[str | None] = []
+
+    def check(_request) -> None:
+        found = RecordStore(aws.s3, aws.bucket, "transcripts/").read("paid")
+        held.append(found[0].claim.owner if found and found[0] and found[0].claim else None)
+
+    openai_stub.on_request = check
+    upload(aws, "audio/paid.wav")
+    send_job(aws, "paid", "audio/paid.wav")
+    run_daemon()
+    wait_for(lambda: story(wordpress, "paid"), timeout=30, what="the callback")
+    assert len(held) == 1 and held[0], held
+
+
+def test_a_copy_of_a_job_being_re_sent_does_not_read_the_whole_recording(run_daemon, aws, openai_stub, wordpress,
+                                                                         tmp_path, monkeypatch):
+    """A re-send comes from the record: the recording's download, begun beside the claim, is stopped."""
+    from consumer import fetch
+
+    rate, seconds = 16_000, 120  # 3.8 MB of 16-bit mono: several download chunks
+    t = np.arange(rate * seconds) / rate
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
+    with wave.open(str(tmp_path / "big.wav"), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    upload(aws, "audio/big.wav", tmp_path / "big.wav")
+    read: list[int] = []
+    real = fetch.download
+
+    class FirstChunkWaits:
+        """The `stop` event, but the check after the first chunk waits (2 s at most) for the claim's answer:
+        on loopback the whole recording would otherwise be read before the claim is answered."""
+
+        def __init__(self, event: threading.Event) -> None:
+            self.event, self.checks = event, 0
+
+        def is_set(self) -> bool:
+            self.checks += 1
+            if self.checks == 2:
+                self.event.wait(2.0)
+            return self.event.is_set()
+
+    def counting(s3, bucket, key, dest, *, stop, **kwargs):
+        try:
+            return real(s3, bucket, key, dest, stop=FirstChunkWaits(stop), **kwargs)
+        finally:
+            read.append(dest.stat().st_size if dest.exists() else 0)
+
+    monkeypatch.setattr(fetch, "download", counting)
+    wordpress.delays.append(3.0)  # WordPress takes the first `completed` in after CALLBACK_TIMEOUT=1
+    send_job(aws, "big", "audio/big.wav")
+    run_daemon(callback_timeout=1)
+    wait_for(lambda: story(wordpress, "big"), timeout=60, what="the first callback")
+    paid = openai_stub.count()
+    wait_for(lambda: len(story(wordpress, "big")) == 2, timeout=60, what="the callback re-sent")
+    assert story(wordpress, "big") == [("completed", 200), ("completed", 200)] and openai_stub.count() == paid
+    assert read[0] == (tmp_path / "big.wav").stat().st_size and len(read) == 2, read
+    assert read[1] <= fetch.CHUNK_BYTES, read  # at most the chunk in flight when the claim's answer came
