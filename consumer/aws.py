@@ -69,7 +69,27 @@ def make_clients(settings: Settings) -> tuple[SQSClient, S3Client]:
     endpoint = settings.aws_endpoint_url
     sqs = session.client("sqs", endpoint_url=endpoint, config=BOTO_CONFIG)
     s3 = session.client("s3", endpoint_url=endpoint, config=BOTO_CONFIG)
+    s3.meta.events.register_last("before-call.s3", _send_small_bodies_at_once)  # after add_expect_header
     return sqs, s3
+
+
+# botocore asks for `Expect: 100-continue` on every PutObject with a body (handlers.add_expect_header), and
+# then waits for the server's interim 100 before it sends a byte of the body (awsrequest.AWSConnection
+# ._send_output): one more round trip per job-record write, two of them before the callback. The
+# handshake only pays when a body is big enough that sending it to a refusal costs more than the round
+# trip (RFC 9110 section 10.1.1); a job record is a few kilobytes.
+EXPECT_MIN_BYTES = 1024 * 1024
+
+
+def _send_small_bodies_at_once(params: dict[str, Any], **_: Any) -> None:
+    body: Any = params.get("body")
+    size = len(body) if isinstance(body, (bytes, bytearray)) else None
+    if size is None and hasattr(body, "seek") and hasattr(body, "tell"):
+        position = body.tell()
+        size = body.seek(0, 2) - position
+        body.seek(position)
+    if size is not None and size < EXPECT_MIN_BYTES:
+        params["headers"].pop("Expect", None)
 
 
 def make_heartbeat_client(settings: Settings) -> SQSClient:

@@ -303,7 +303,9 @@ class Pipeline:
 
         try:
             return transcribe_parts(self.transcriber, cut.parts, language=job.language, prompt=job.prompt,
-                                    parallelism=self.settings.transcribe_parallelism, known=known,
+                                    # one part: sent from this thread, no pool to start for it
+                                    parallelism=self.settings.transcribe_parallelism if cut.count > 1 else 1,
+                                    known=known,
                                     on_part=keep if cut.count > 1 else None)
         except RetryableError as exc:
             if exc.code == "rate_limited":

@@ -99,3 +99,16 @@ def test_s3_errors_other_than_conflicts_are_not_taken_for_a_lost_claim(store, aw
     with pytest.raises(RetryableError) as err:
         take(broken, "j6", "me")
     assert err.value.code == "s3_unavailable"
+
+
+def test_record_writes_skip_the_100_continue_round_trip_and_big_bodies_keep_it(make_settings, aws):
+    """botocore asks every PutObject to wait for `100 Continue`; the daemon's client sends small bodies at once."""
+    from consumer.aws import EXPECT_MIN_BYTES, make_clients
+
+    _, s3 = make_clients(make_settings())
+    expect: dict[str, str | None] = {}
+    s3.meta.events.register("before-send.s3.PutObject", lambda request, **_: expect.__setitem__(
+        request.url.rsplit("/", 1)[-1], request.headers.get("Expect")))
+    take(RecordStore(s3, aws.bucket, "transcripts/"), "small", "me")
+    s3.put_object(Bucket=aws.bucket, Key="big.bin", Body=b"\0" * EXPECT_MIN_BYTES)
+    assert expect["small.job.json"] is None and expect["big.bin"] in ("100-continue", b"100-continue"), expect
