@@ -59,13 +59,14 @@ COPY_BITRATE_HEADROOM = 1.25
 # parts stored by the old code are not stitched with parts cut by the new.
 CUT_VERSION = "cut2"
 MIN_CHUNK_SECONDS = 30.0
-# A transcode makes its parts one after another (an hour of 48 kHz WAV: a part every 0.3 s on this
-# machine, 1,400 s of audio cut a second), and the transcription API is assumed to take 0.02 s a second
-# of audio (bench 7's stand-in): a part ready x s of audio later finishes together with the one before
-# when it is about x / 1400 / 0.02 = 3.6 % of x shorter. Parts sent side by side are therefore each 4 %
-# shorter than the one before (the first of eight a third longer than the last), so the last one ready
-# is no longer the last one done. A packet copy cuts ten times faster: its parts stay equal.
-TRANSCODE_TAPER = 0.96  # below this a byte or duration limit is a configuration mistake, not a plan
+# Parts are cut one after another, so with equal parts the last one ready is the last one done. A part
+# ready later by x seconds of audio finishes with the one before when it is shorter by x times (seconds
+# to cut a second of audio) / (seconds to transcribe one: 0.02 assumed, bench 7's stand-in). A transcode
+# (an hour of 48 kHz WAV) cuts 800-1,400 s of audio a second in the daemon here, so each part sent side
+# by side is 4 % shorter than the one before (the first of eight a third longer than the last); a packet
+# copy (an hour of WebM/Opus) 1,500-3,000 s a second: 2 %. Measured in bench 7 (bench/README.md).
+TRANSCODE_TAPER = 0.96
+COPY_TAPER = 0.98  # below this a byte or duration limit is a configuration mistake, not a plan
 
 # (container, codec) -> the name the transcription API knows the format by; absent: transcode first.
 API_FORMATS: dict[tuple[str, str], str] = {
@@ -271,7 +272,8 @@ def cut(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
     """The files to transcribe: the original if it fits `limits` as it is and needs no cutting; else parts.
 
     A recording longer than `parts_hint` minutes is cut into `parts_hint` parts (TRANSCRIBE_PARALLELISM)
-    so they can be sent side by side; more where `limits` demand. Parts are packet copies of the original
+    so they can be sent side by side (each a little shorter than the one before: `TRANSCODE_TAPER`,
+    `COPY_TAPER`); more where `limits` demand. Parts are packet copies of the original
     when the transcriber takes its codec (`consumer.audio_copy`), else a 16 kHz mono transcode (FLAC from
     a WAV's PCM, Ogg/Opus from anything else).
     `info.duration` is the measured length, so a header understating it cannot get the original sent to a
@@ -283,7 +285,7 @@ def cut(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
         copyable = copy_seconds is None or copy_seconds >= MIN_CHUNK_SECONDS
     if copyable:
         plan = audio_split.SplitPlan.make(max_seconds=copy_seconds, expected_seconds=info.duration,
-                                          parts_hint=parts_hint)
+                                          parts_hint=parts_hint, taper=COPY_TAPER)
         if plan.count == 1 and _fits_as_is(info, limits):
             return _as_is(path, info)
         chunks = audio_copy.copy_split(path, workdir, stem=path.stem or "audio", plan=plan,

@@ -109,7 +109,7 @@ class _Cutter:
         self.frame_size = stream.codec_context.frame_size or 0
         self.pre_skip = audio_measure._opus_pre_skip(stream.codec_context.extradata) if self.codec == "opus" else 0
         # The plan counts 16 kHz samples; here everything is counted at the codec's own rate.
-        self.grid = None if plan.grid is None else plan.grid * self.rate // RATE
+        self.plan = plan
         self.window = plan.window * self.rate // RATE
         self.max_bytes = max_bytes
         self.limit = None if max_seconds is None else max_seconds * TOO_LONG_SLACK * self.rate
@@ -126,7 +126,7 @@ class _Cutter:
         part = self._open(0)
         held: list[_Packet] = []  # packets from the pre-roll of the next search window on, not yet written
         preroll = round(PREROLL_SECONDS * self.rate)
-        boundary, position = self.grid, 0
+        boundary, position = self._boundary(1), 0
         hold_from = None if boundary is None else boundary - self.window - preroll
         try:
             for packet in self.container.demux(self.stream):
@@ -147,7 +147,7 @@ class _Cutter:
                     held = [h for h in held if h.start >= cut]
                     yield self._close(part)
                     part = self._open(cut)
-                    boundary = (boundary or 0) + (self.grid or 0)
+                    boundary = self._boundary(self.written + 1) or 0
                     hold_from = boundary - self.window - preroll
                     # What stays held belongs to the new part unless it reaches into the next window.
                     while held and held[0].start < hold_from:
@@ -158,6 +158,11 @@ class _Cutter:
         except BaseException:
             part.container.close()
             raise
+
+    def _boundary(self, n: int) -> int | None:
+        """The plan's nominal end of part n - 1, at the codec's rate."""
+        nominal = self.plan.boundary(n)
+        return None if nominal is None else nominal * self.rate // RATE
 
     def _open(self, start: int) -> _Part:
         path = self.workdir / f"{self.stem}.part{self.written:03d}.{self.ext}"

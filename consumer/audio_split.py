@@ -255,7 +255,7 @@ class SplitPlan:
         Parts sent side by side finish together when they are equally long and ready together, so a
         recording is cut into `parts_hint` parts (TRANSCRIBE_PARALLELISM) for latency, none shorter than
         `MIN_PART_SECONDS`; more only where max_seconds demands it. A cut that makes its parts one after
-        another (a transcode) passes `taper` < 1: each part is then that much shorter than the one before,
+        another passes `taper` < 1: each part is then that much shorter than the one before,
         since it is ready later, so that all finish about together (not when the parts are sent one at a
         time, nor when max_seconds makes more parts than go at once or leaves no room for a longer first)."""
         wanted = max(1, min(parts_hint, math.floor(expected_seconds / MIN_PART_SECONDS)))

@@ -390,8 +390,10 @@ def test_a_codec_the_api_takes_is_cut_by_packet_copy_at_pauses(ext: str, browser
     parts = list(cut.parts)
     assert cut.plan.startswith(f"{audio.CUT_VERSION}:copy:") and cut.count == len(parts) == 8
     assert [p.filename for p in parts] == [f"call.part{i:03d}.{ext}" for i in range(8)]
+    assert f"taper={audio.COPY_TAPER:g}" in cut.plan  # each part a little shorter than the one before
+    first = recording.seconds * (1 - audio.COPY_TAPER) / (1 - audio.COPY_TAPER**8)
     offset = 0.0
-    for part in parts:
+    for i, part in enumerate(parts):
         out = probe(part.path)
         # The same codec in the same container, not a re-encode: the API takes it as what its name says.
         assert (out.container, out.codec, out.api_format) == (info.container, info.codec, ext)
@@ -402,8 +404,9 @@ def test_a_codec_the_api_takes_is_cut_by_packet_copy_at_pauses(ext: str, browser
         assert part.duration == pytest.approx(decoded_seconds(part.path), abs=0.03)
         assert part.offset == pytest.approx(offset, abs=0.03)
         offset = part.offset + (part.duration or 0.0)
-        window = audio_split.CUT_WINDOW_SECONDS  # a nominal 75 s, moved at most a window either way at each end
-        assert 75 - 2 * window <= (part.duration or 0.0) <= 75 + 2 * window
+        nominal = first * audio.COPY_TAPER**i  # 80 s down to 70 s, moved at most a window either way at each end
+        window = audio_split.CUT_WINDOW_SECONDS
+        assert nominal - 2 * window <= (part.duration or 0.0) <= nominal + 2 * window
     assert sum(decoded_seconds(p.path) for p in parts) == pytest.approx(decoded_seconds(recording.path), abs=0.1)
     for part in parts[1:]:  # every cut falls in a pause between utterances (packets are 20 ms)
         assert any(a + 0.03 <= part.offset <= b - 0.03 for a, b in recording.pauses), part.offset
