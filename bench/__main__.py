@@ -32,7 +32,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Bench], dict[str, Any]], str]] = {
     "audio_speed": (audio_prep.speed, "6. audio prepared per CPU second, against the ffmpeg CLI"),
     "long_recording": (long_calls.run, "7. a 60-min WebM/Opus call through the daemon: wall time against its bound"),
     "peer": (peer.run, "8. against bbc/sqs-consumer on the same stack: the issue 15 table as ours/peer ratios"),
-    "quality": (speech.quality, "9. local Whisper word error rate, a 4-minute reading whole vs cut into 60 s parts"),
+    "quality": (speech.quality, "9. local Whisper word error rate, 17 min of speech whole vs cut as the daemon cuts"),
     "local_rtf": (speech.local_rtf, "10. local faster-whisper real-time factor for 1, 10 and 30 minutes"),
 }
 RESULTS = ROOT / "bench" / "results"
