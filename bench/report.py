@@ -193,13 +193,16 @@ def _peer(ax: Any, b: dict[str, Any]) -> None:
 
 
 def _quality(ax: Any, b: dict[str, Any]) -> None:
-    names = ["whole\nWAV", "WAV +\ndither", "whole,\ntranscoded", f"cut into\n{b['config']['max_seconds']:g} s parts"]
-    values = [b["wer_whole"] * 100, b["runs"]["dithered"]["wer"] * 100, b["wer_encoded"] * 100, b["wer_parts"] * 100]
-    ax.bar(names, values, color=["#aaaaaa", "#cccccc", "#aaaaaa", "#4477aa"])
+    runs = b["runs"]
+    names = ["long,\nwhole", "long +\ndither", f"long, cut\n({sum(runs['long_cut']['parts'])} parts)",
+             "readings,\nwhole", f"readings, cut\n({sum(runs['readings_cut']['parts'])} parts)"]
+    values = [runs[k]["wer"] * 100 for k in ("long_whole", "long_dithered", "long_cut", "readings_whole",
+                                              "readings_cut")]
+    ax.bar(names, values, color=["#aaaaaa", "#cccccc", "#4477aa", "#aaaaaa", "#4477aa"])
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.2f} %", ha="center", va="bottom", fontsize=9)
     ax.set_title(f"9. WER, {b['config']['model']}, {b['audio_s'] / 60:.1f} min of espeak-ng speech\n"
-                 f"cut - whole {b['difference_pp']:+.2f} points (target within 0.5)", fontsize=10)
+                 f"long: cut - whole {b['difference_pp']:+.2f} points (target within 0.5)", fontsize=10)
     ax.set_ylabel("WER %")
     ax.tick_params(axis="x", labelsize=8)
 
@@ -215,8 +218,4 @@ def _rtf(ax: Any, b: dict[str, Any]) -> None:
     ax.set_xticks(range(len(rows)), xs)
     ax.set_title("10. local faster-whisper real-time factor\n(wall time / audio time; lower is faster)", fontsize=10)
     ax.set_ylabel("RTF")
-    for i, r in enumerate(rows):
-        for offset, key in ((-width / 2, "rtf"), (width / 2, "batched_rtf")):
-            if key in r.get("extrapolated", []):
-                ax.text(i + offset, 0.002, "extrapolated", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.legend(fontsize=8)
