@@ -17,6 +17,7 @@ from botocore.exceptions import (
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.utils import determine_content_length
 
 from consumer.errors import ConsumerError, PermanentError, RetryableError
 
@@ -82,12 +83,8 @@ EXPECT_MIN_BYTES = 1024 * 1024
 
 
 def _send_small_bodies_at_once(params: dict[str, Any], **_: Any) -> None:
-    body: Any = params.get("body")
-    size = len(body) if isinstance(body, (bytes, bytearray)) else None
-    if size is None and hasattr(body, "seek") and hasattr(body, "tell"):
-        position = body.tell()
-        size = body.seek(0, 2) - position
-        body.seek(position)
+    body = params.get("body")
+    size = determine_content_length(body) if body is not None else None  # botocore's own measure; None: unknown
     if size is not None and size < EXPECT_MIN_BYTES:
         params["headers"].pop("Expect", None)
 
