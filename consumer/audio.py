@@ -58,7 +58,7 @@ COPY_BITRATE_HEADROOM = 1.25
 # Names the cut algorithm in a job's record: change it when a change here moves where cuts fall, so
 # parts stored by the old code are not stitched with parts cut by the new.
 CUT_VERSION = "cut2"
-MIN_CHUNK_SECONDS = 30.0
+MIN_CHUNK_SECONDS = 30.0  # below this a byte or duration limit is a configuration mistake, not a plan
 # Parts are cut one after another, so with equal parts the last one ready is the last one done. A part
 # ready later by x seconds of audio finishes with the one before when it is shorter by x times (seconds
 # to cut a second of audio) / (seconds to transcribe one: 0.02 assumed, bench 7's stand-in). A transcode
@@ -66,7 +66,7 @@ MIN_CHUNK_SECONDS = 30.0
 # by side is 4 % shorter than the one before (the first of eight a third longer than the last); a packet
 # copy (an hour of WebM/Opus) 1,500-3,000 s a second: 2 %. Measured in bench 7 (bench/README.md).
 TRANSCODE_TAPER = 0.96
-COPY_TAPER = 0.98  # below this a byte or duration limit is a configuration mistake, not a plan
+COPY_TAPER = 0.98
 
 # (container, codec) -> the name the transcription API knows the format by; absent: transcode first.
 API_FORMATS: dict[tuple[str, str], str] = {
