@@ -128,11 +128,13 @@ def hooked_daemon(make_settings: Callable[..., Any], aws: AwsStack) -> Iterator[
 # ---------------------------------------------------------------------------------------------- duplicates
 
 
-def test_two_daemons_given_copies_of_one_job_at_once_transcribe_and_call_back_once(hooked_daemon, aws, openai_stub,
-                                                                                  wordpress, tmp_path):
-    """Two copies of job `dup` reach two daemons together: both downloads are held until both are on the wire,
-    so both claims go out beside them. One transcribes; the other's claim finds the job taken (a deferral,
-    named `claim`, not a stopped download), and later deletes its copy as a duplicate."""
+@pytest.mark.parametrize("daemons", [1, 2])
+def test_copies_of_one_job_given_out_at_once_transcribe_and_call_back_once(hooked_daemon, aws, openai_stub,
+                                                                           wordpress, tmp_path, daemons):
+    """Two copies of job `dup` are taken together, by two workers of one daemon or by two daemons: both
+    downloads are held until both are on the wire, so both claims go out beside them. One transcribes; the
+    other's claim finds the job taken (a deferral, named `claim`, not a stopped download), and later deletes
+    its copy as a duplicate."""
     upload(aws, "audio/dup.wav")
     together, first_two = threading.Barrier(2), iter(range(2))
     lock = threading.Lock()
@@ -146,16 +148,21 @@ def test_two_daemons_given_copies_of_one_job_at_once_transcribe_and_call_back_on
 
     send_job(aws, "dup", "audio/dup.wav")
     send_job(aws, "dup", "audio/dup.wav")
-    a = hooked_daemon(both_downloads_in_flight, concurrency=1, visibility_timeout=4)
-    # Its own TEMP_DIR: in one process both would share (and the second clear) the pid-named workdir.
-    b = hooked_daemon(both_downloads_in_flight, concurrency=1, visibility_timeout=4, temp_dir=str(tmp_path / "b"))
+    if daemons == 1:
+        running = [hooked_daemon(both_downloads_in_flight, concurrency=2, visibility_timeout=4)]
+    else:
+        running = [hooked_daemon(both_downloads_in_flight, concurrency=1, visibility_timeout=4),
+                   # Its own TEMP_DIR: in one process both would share (and the second clear) the pid's workdir.
+                   hooked_daemon(both_downloads_in_flight, concurrency=1, visibility_timeout=4,
+                                 temp_dir=str(tmp_path / "b"))]
     wait_for(lambda: story(wordpress, "dup"), timeout=30, what="the callback")
     wait_for(lambda: settled(aws), timeout=40, what="both copies settled")
+    assert together.broken is False  # both downloads were in flight together
     assert story(wordpress, "dup") == [("completed", 200)] and openai_stub.count() == 1
     assert aws.dlq_messages() == []
-    seen = {**errors(a), **errors(b)}
+    seen = {key: value for rd in running for key, value in errors(rd).items()}
     assert set(seen) <= {("claim", "job_in_progress")}, seen  # never a `download_stopped` nor a download stage
-    assert leftovers(a) == [] and leftovers(b) == []
+    assert all(leftovers(rd) == [] for rd in running)
 
 
 def test_a_copy_meeting_another_deliverys_claim_defers_as_the_claim_and_keeps_nothing(run_daemon, aws, openai_stub,
@@ -524,8 +531,9 @@ def test_kill_9_right_after_the_claim_is_written_costs_one_transcription(moto_se
     and removes the dead process's temp directory."""
     upload(aws, "audio/k.wav")
     first = spawn_daemon({**site_hook(tmp_path, KILL_AT_CLAIM), "VISIBILITY_TIMEOUT": "3"})
+    first.wait_ready()  # a start-up failure says so, with its log
     send_job(aws, "k", "audio/k.wav")
-    assert first.proc.wait(60) == -9
+    assert first.proc.wait(60) == -9, first.log_path.read_text(errors="replace")[-3000:]
     assert record(aws, "k").claim is not None and not wordpress.received
     dead = tmp_path / "tmp" / "salestrainer-sidecar" / str(first.proc.pid)
     rd = run_daemon(visibility_timeout=3)
