@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("consumer.pipeline")
 HOST = socket.gethostname()
+CLAIM_WAIT = 10.0  # seconds a hand-back waits for a claim in flight before giving it up to its expiry
 CANCELLED = {"shutting_down": "the message was handed back at shutdown",
              "job_in_progress": "the job's claim was taken over by another delivery",
              "job_expired": "the job is older than MAX_JOB_AGE"}
@@ -81,6 +82,7 @@ class Attempt:
     # Set when the callback is about to go out: past that point the attempt is finished, never cancelled
     # (WordPress may already have heard; a second instance would make it hear twice).
     committed: bool = False
+    claiming: futures.Future[JobRecord] | None = None  # the claim, once sent (it runs beside the download)
     _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -132,13 +134,16 @@ class Pipeline:
         self.records = records
         self.gate = gate
         self.workdir = workdir
-        # Runs each attempt's claim beside its download (`_claim_and_download`): one at a time per worker.
-        self._side = futures.ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="claim")
 
     # ------------------------------------------------------------------ the claim, for the worker layer
 
     def release_claim(self, attempt: Attempt) -> None:
-        """Give the claim up so the next delivery starts at once (best effort: an unreleased claim expires)."""
+        """Give the claim up so the next delivery starts at once (best effort: an unreleased claim expires).
+
+        A claim still in flight (a hand-back at shutdown can come while it is) is waited for first, or it
+        would land after the release and make the next instance wait for it to expire."""
+        if attempt.claiming is not None:
+            futures.wait([attempt.claiming], timeout=CLAIM_WAIT)
         if attempt.handle is not None:
             with contextlib.suppress(ConsumerError):
                 attempt.handle.release()
@@ -179,9 +184,9 @@ class Pipeline:
         """Run every stage the job's record says is left; returns normally on success (incl. a duplicate)."""
         with self._stage(attempt, "validate"):
             job = attempt.job = parse_job(attempt.message, self.settings)
-        jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
+        jobdir: Path | None = None
         try:
-            record, fetched = self._claim_and_download(attempt, job, jobdir / "original")
+            record, fetched, jobdir = self._claim_and_download(attempt, job)
             now = time.time()
             state = record.state(now)
             if state is State.COMPLETED:
@@ -198,59 +203,78 @@ class Pipeline:
                 if attempt.expired:
                     raise PermanentError(f"the job is older than MAX_JOB_AGE ({self.settings.max_job_age:.0f} s)",
                                          code="job_expired")
-                if isinstance(fetched, ConsumerError):
+                if isinstance(fetched, BaseException):
                     attempt.stage = "download"
                     raise fetched
-                assert attempt.handle is not None
+                assert attempt.handle is not None and jobdir is not None
                 transcript = self._transcribe(attempt, job, attempt.handle, fetched, jobdir)
                 attempt.source, attempt.model = self.transcriber.source, self.transcriber.model
         finally:
-            shutil.rmtree(jobdir, ignore_errors=True)
+            if jobdir is not None:
+                shutil.rmtree(jobdir, ignore_errors=True)
         attempt.audio_seconds = (transcript.duration_seconds or 0.0) if transcript else 0.0
         with self._stage(attempt, "callback"):
             self.deliverer.post(self._payload(attempt, job, transcript=transcript))
         attempt.outcome = "completed"
 
-    def _claim_and_download(self, attempt: Attempt, job: JobMessage,
-                            dest: Path) -> tuple[JobRecord, fetch.AudioObject | ConsumerError]:
-        """The claim (an S3 write, in a side thread) and the recording's download, side by side.
+    def _claim_and_download(self, attempt: Attempt, job: JobMessage
+                            ) -> tuple[JobRecord, fetch.AudioObject | Exception, Path | None]:
+        """The claim (an S3 write, in a thread of its own) and the recording's download, side by side.
 
         Neither pays for nor says anything: the transcription waits for the claim. Side by side they save
         the shorter of two round trips on every job; a delivery that finds the job done, failing or taken
         (rare) stops its download as soon as the claim's answer is in, having read a chunk or so for nothing.
-        A download error is returned, not raised: it counts only if the record says the audio is needed."""
+        Whatever the download raises (an S3 error, a full disk) is returned, not raised: it counts only if
+        the record says the audio is needed. Returns the record, the download or its error, the job's dir."""
         if attempt.cancelled:
             raise RetryableError(f"stopped before claim: {CANCELLED[attempt.cancelled]}", code=attempt.cancelled)
         not_needed = threading.Event()
-        claiming = self._side.submit(self._claim, attempt, job, not_needed)
-        fetched: fetch.AudioObject | ConsumerError
+        claiming = attempt.claiming = futures.Future()
+        # A daemon thread per claim, not a pool: nothing to shut down, and nothing for the interpreter to
+        # join at exit (a shutdown waits for a claim in flight in `release_claim`, bounded).
+        threading.Thread(target=self._claim, args=(attempt, job, not_needed, claiming), name="claim",
+                         daemon=True).start()
+        fetched: fetch.AudioObject | Exception
+        jobdir: Path | None = None
         try:
             with self._stage(attempt, "download"):
-                fetched = fetch.download(self.s3, job.s3_bucket or self.settings.s3_bucket or "", job.s3_key, dest,
-                                         max_bytes=self.settings.max_audio_bytes, stop=not_needed)
-        except ConsumerError as exc:
+                jobdir = Path(tempfile.mkdtemp(prefix=f"{attempt.message.message_id}-", dir=self.workdir))
+                fetched = fetch.download(self.s3, job.s3_bucket or self.settings.s3_bucket or "", job.s3_key,
+                                         jobdir / "original", max_bytes=self.settings.max_audio_bytes, stop=not_needed)
+        except Exception as exc:  # noqa: BLE001 - judged once the record is read, raised only if it matters
             fetched = exc
         finally:
             futures.wait([claiming])  # it sets attempt.handle, which the worker reads once we return
         attempt.stage = "claim"
-        return claiming.result(), fetched
+        try:
+            return claiming.result(), fetched, jobdir
+        except BaseException:
+            if jobdir is not None:
+                shutil.rmtree(jobdir, ignore_errors=True)
+            raise
 
-    def _claim(self, attempt: Attempt, job: JobMessage, not_needed: threading.Event) -> JobRecord:
+    def _claim(self, attempt: Attempt, job: JobMessage, not_needed: threading.Event,
+               done: futures.Future[JobRecord]) -> None:
         start = time.monotonic()
         try:
             handle = attempt.handle = claim(self.records, job_id=job.job_id, s3_key=job.s3_key,
                                             owner=attempt.owner, until=attempt.visible_until, now=time.time())
             record = self._new_round(attempt, job, handle)
-        except BaseException:
+            now = time.time()
+            attempt.expired = now - record.first_seen > self.settings.max_job_age
+            if attempt.expired or record.state(now) not in (State.RUNNING, State.WAITING):
+                not_needed.set()
+        except BaseException as exc:  # noqa: BLE001 - handed to the worker's thread through the future
             not_needed.set()
-            raise
+            done.set_exception(exc)
+            return
         finally:
             attempt.durations["claim"] = time.monotonic() - start
-        now = time.time()
-        attempt.expired = now - record.first_seen > self.settings.max_job_age
-        if attempt.expired or record.state(now) not in (State.RUNNING, State.WAITING):
-            not_needed.set()
-        return record
+        done.set_result(record)
+        if attempt.cancelled == "shutting_down":
+            # Handed back while the claim was on the wire: `release_claim` may have stopped waiting for it,
+            # and the next instance must not meet a claim nobody will run or release.
+            self.release_claim(attempt)
 
     def _new_round(self, attempt: Attempt, job: JobMessage, handle: JobHandle) -> JobRecord:
         """What this message changes in the story before it is read: another recording under a job_id that
