@@ -518,13 +518,16 @@ def test_a_wav_is_cut_into_shorter_and_shorter_lossless_parts(half_hour: Recordi
     assert np.array_equal(together, decoded_pcm(half_hour.path))  # FLAC: not a sample lost or changed
 
 
-def test_the_transcode_block_size_changes_no_byte(half_hour: Recording, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The transcode reads 10 s blocks for speed; 100 ms blocks cut the same parts, byte for byte."""
+def test_the_transcode_block_and_packet_size_change_no_byte(half_hour: Recording, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transcode reads 10 s blocks and 64 kB WAV packets for speed; 100 ms blocks of the demuxer's
+    default 4 kB packets cut the same parts, byte for byte."""
     limits = AudioLimits(max_seconds=600, formats=API_FORMATS)
     made, big, small = {}, audio_split.TRANSCODE_BLOCK, audio_split.BLOCK
+    packets = {big: audio_split.TRANSCODE_WAV_OPTIONS, small: {}}
     for block in (big, small):
         monkeypatch.setattr(audio_split, "TRANSCODE_BLOCK", block)
+        monkeypatch.setattr(audio_split, "TRANSCODE_WAV_OPTIONS", packets[block])
         (tmp_path / str(block)).mkdir()
         cut = audio.cut(half_hour.path, probe(half_hour.path), limits, tmp_path / str(block), parts_hint=4)
         made[block] = [(p.offset, p.path.read_bytes()) for p in cut.parts]
