@@ -8,8 +8,9 @@ another, a second of silence between them (16.8 minutes).
 
     quality    word error rate (jiwer; lower-cased, punctuation removed, one reference word per word) of
                the long recording transcribed whole against cut the way the daemon cuts it with its
-               default settings (consumer.audio.prepare with the local model's limits and parts_hint =
-               TRANSCRIBE_PARALLELISM, the parts sent with consumer.transcribe.transcribe_parts); of each
+               default settings (consumer.audio.prepare with the local model's limits and
+               consumer.transcribe.parts_hint: TRANSCRIBE_PARALLELISM, but no more parts than the model
+               sized by from_settings works on at once; the parts sent with transcribe_parts); of each
                reading whole against cut (the densest cut the daemon makes: parts of about a minute, its
                MIN_PART_SECONDS); and of the long recording with +-2 LSB of dither, which shows how far an
                inaudible change moves the WER of this model on this speech (the noise floor).
@@ -35,7 +36,7 @@ import numpy as np
 from bench.common import Bench, figure
 from bench.stack import ROOT
 from consumer import audio
-from consumer.transcribe import AudioPart, Transcriber, transcribe_parts
+from consumer.transcribe import AudioPart, Transcriber, parts_hint, transcribe_parts
 from consumer.transcribe_local import LocalWhisperTranscriber
 
 TEXTS = tuple(ROOT / "bench" / "data" / f"speech{name}.txt" for name in ("", "-renewal", "-support", "-meeting"))
@@ -140,19 +141,21 @@ def _whole(path: Path) -> list[AudioPart]:
     return [AudioPart(path=path, filename=path.name, offset=0.0, duration=audio.probe(path).duration)]
 
 
-def _prepared(path: Path, transcriber: Transcriber, workdir: Path, parts_hint: int) -> tuple[list[AudioPart], float]:
-    """The daemon's cut: what pipeline.process does for this transcriber and TRANSCRIBE_PARALLELISM."""
+def _prepared(path: Path, transcriber: Transcriber, workdir: Path, hint: int) -> tuple[list[AudioPart], float]:
+    """The daemon's cut: what pipeline.process does for this transcriber and `hint` (consumer.transcribe.parts_hint)."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     started = time.perf_counter()
-    parts = audio.prepare(path, audio.probe(path), transcriber.limits, workdir, parts_hint=parts_hint)
+    parts = audio.prepare(path, audio.probe(path), transcriber.limits, workdir, parts_hint=hint)
     return parts, time.perf_counter() - started
 
 
 def quality(b: Bench) -> dict[str, Any]:
     model = model_path()
     settings = _daemon_settings(model)
-    hint = parallelism = settings.transcribe_parallelism
+    parallelism = settings.transcribe_parallelism
+    # The daemon's cut: as many parts as its transcriber (sized by from_settings) asks for, not the one here.
+    hint = parts_hint(LocalWhisperTranscriber.from_settings(settings), parallelism)
     transcriber = LocalWhisperTranscriber(model, device="cpu", num_workers=1, cpu_threads=os.cpu_count() or 1)
     long = long_reading(b)
     noisy = dithered(long, b.tmp / "speech-long-dithered.wav")
@@ -219,7 +222,7 @@ def quality(b: Bench) -> dict[str, Any]:
 
 
 def _daemon_path(transcriber: LocalWhisperTranscriber, path: Path, workdir: Path, parallelism: int) -> dict[str, Any]:
-    parts, prepare_s = _prepared(path, transcriber, workdir, parallelism)
+    parts, prepare_s = _prepared(path, transcriber, workdir, parts_hint(transcriber, parallelism))
     _, transcribe_s = _transcribe(transcriber, parts, parallelism)
     return {"wall_s": round(prepare_s + transcribe_s, 1), "prepare_s": round(prepare_s, 1), "parts": len(parts),
             "part_seconds": [round(p.duration or 0, 1) for p in parts]}

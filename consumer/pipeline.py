@@ -41,7 +41,7 @@ from consumer.errors import ConsumerError, InvalidMessageError, PermanentError, 
 from consumer.jobrecord import JobRecord, State
 from consumer.models import CallbackPayload, ErrorInfo, JobMessage, Timings, Transcript
 from consumer.records import ClaimLostError, JobHandle, RecordStore, claim
-from consumer.transcribe import Transcriber, transcribe_parts
+from consumer.transcribe import Transcriber, parts_hint, transcribe_parts
 from consumer.validate import parse_job
 
 if TYPE_CHECKING:
@@ -301,8 +301,9 @@ class Pipeline:
             audio.check_limits(info, max_bytes=self.settings.max_audio_bytes, max_seconds=limit)
             speech = audio.has_speech(path, info, max_seconds=limit)
             # Lazy: the parts are cut while the first ones are sent, in the transcribe stage.
+            hint = parts_hint(self.transcriber, self.settings.transcribe_parallelism)
             cut = audio.cut(path, info, self.transcriber.limits, jobdir, max_total_seconds=limit,
-                            parts_hint=self.settings.transcribe_parallelism) if speech else None
+                            parts_hint=hint) if speech else None
         with self._stage(attempt, "transcribe"):
             if cut is None:
                 transcript = Transcript(text="", duration_seconds=info.duration, no_speech=True)

@@ -52,8 +52,18 @@ class Transcriber(Protocol):
     limits: AudioLimits
     supports_prompt: bool
     source: str  # the sidecar_transcriptions{source} label of a fresh transcript: "api" or "local"
+    # Parts of one recording worth cutting for at once (None: as many as TRANSCRIBE_PARALLELISM sends).
+    # Every cut costs accuracy (bench 9), so a backend that can only work on a few parts at a time asks
+    # for no more.
+    parts_at_once: int | None
 
     def transcribe(self, part: AudioPart, *, language: str | None, prompt: str | None) -> Transcript: ...
+
+
+def parts_hint(transcriber: Transcriber, parallelism: int) -> int:
+    """How many parts to cut a long recording into for latency: as many as are sent at once
+    (TRANSCRIBE_PARALLELISM), and no more than the transcriber can work on at once."""
+    return min(parallelism, transcriber.parts_at_once or parallelism)
 
 
 def build_transcriber(settings: Settings) -> Transcriber:
@@ -130,6 +140,7 @@ class SharedTranscriber:
         self.limits = inner.limits
         self.supports_prompt = inner.supports_prompt
         self.source = inner.source
+        self.parts_at_once = inner.parts_at_once
 
     def transcribe(self, part: AudioPart, *, language: str | None, prompt: str | None) -> Transcript:
         with self.slots:

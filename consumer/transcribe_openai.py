@@ -157,6 +157,7 @@ class OpenAITranscriber:
     """The OpenAI transcription API (or any compatible server) through the official SDK."""
 
     source = "api"  # sidecar_transcriptions{source}: an API call (billed on api.openai.com)
+    parts_at_once: int | None = None  # the API runs every part we send at once: TRANSCRIBE_PARALLELISM decides
 
     def __init__(self, client: openai.OpenAI, *, model: str, response_format: ResponseFormat = "auto") -> None:
         self.client = client

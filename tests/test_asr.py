@@ -166,6 +166,16 @@ def test_limits_let_the_audio_stage_chunk_long_recordings(transcriber: LocalWhis
     assert transcriber.supports_prompt is True
 
 
+@pytest.mark.timeout(60)
+def test_a_long_recording_is_cut_for_the_workers_the_model_has() -> None:
+    """Cuts cost accuracy (bench 9): the local model asks for two parts per worker, not TRANSCRIBE_PARALLELISM."""
+    from consumer.transcribe import parts_hint
+
+    two = LocalWhisperTranscriber(model_dir(), device="cpu", num_workers=2, cpu_threads=1)
+    assert two.parts_at_once == 4
+    assert parts_hint(two, 8) == 4 and parts_hint(two, 3) == 3
+
+
 # ---------------------------------------------------------------------- start-up configuration
 
 

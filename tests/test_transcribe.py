@@ -220,3 +220,11 @@ def test_shared_transcriber_bounds_requests_of_all_callers(openai_stub):
         job.join(30)
     assert openai_stub.count() == 6 and openai_stub.peak_in_flight == 2
     assert (shared.model, shared.limits, shared.source) == ("gpt-transcribe", shared.inner.limits, "api")
+
+
+def test_the_api_is_cut_for_as_many_parts_as_are_sent_at_once():
+    from consumer.transcribe import parts_hint
+
+    api = OpenAITranscriber(client=None, model="gpt-transcribe")  # type: ignore[arg-type]
+    assert api.parts_at_once is None and parts_hint(api, 8) == 8
+    assert SharedTranscriber(api, RequestSlots(4)).parts_at_once is None
