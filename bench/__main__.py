@@ -30,7 +30,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Bench], dict[str, Any]], str]] = {
     "latency": (latency.run, "4. enqueue-to-callback overhead, one at a time and at 80 % load"),
     "memory": (memory.run, "5. daemon peak RSS on 10, 100 and 500 MB recordings"),
     "audio_speed": (audio_prep.speed, "6. audio prepared per CPU second, against the ffmpeg CLI"),
-    "long_recording": (long_calls.run, "7. a 60-min WebM/Opus call through the daemon: wall time against its bound"),
+    "long_recording": (long_calls.run, "7. 10, 30, 60-min WebM and WAV calls: wall time against its bound"),
     "peer": (peer.run, "8. against bbc/sqs-consumer on the same stack: the issue 15 table as ours/peer ratios"),
     "quality": (speech.quality, "9. local Whisper word error rate, 17 min of speech whole vs cut as the daemon cuts"),
     "local_rtf": (speech.local_rtf, "10. local faster-whisper real-time factor for 1, 10 and 30 minutes"),
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                     "OpenAI stand-in with a configurable latency, and a callback receiver. Each daemon runs as "
                     "a `python -m consumer run` subprocess. Writes bench/results/latest.json, latest.md and "
                     "latest.png; with --only, the other benchmarks' previous figures are kept.",
-        epilog=f"benchmarks:\n{listing}\n\nThe whole run takes about 22 minutes on 2 cores.")
+        epilog=f"benchmarks:\n{listing}\n\nThe whole run takes about 35 minutes on 2 cores.")
     p.add_argument("--only", action="append", choices=list(BENCHMARKS), metavar="NAME",
                    help="run only this benchmark (repeatable); names below")
     p.add_argument("--quick", action="store_true",

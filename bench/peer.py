@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.common import TINY_SECONDS, Bench, figure, percentile
+from bench.latency import _split, _stage_means
 from bench.stack import (
     ROOT,
     SECRET,
@@ -188,7 +189,8 @@ def single(b: Bench, kind: str, jobs: int) -> dict[str, Any]:
     key = b.tiny_key(aws)
     b.openai.latency = SINGLE_LATENCY
     sent: dict[str, float] = {}
-    with consumer(b, kind, aws):
+    where: dict[str, Any] = {}
+    with consumer(b, kind, aws) as c:
         time.sleep(1.0)  # the first long poll is open
         for i in range(jobs):
             job = f"{kind}-single-{i}"
@@ -197,9 +199,11 @@ def single(b: Bench, kind: str, jobs: int) -> dict[str, Any]:
             if b.receiver.wait_job(job, timeout=60) is None:
                 raise RuntimeError(f"{kind}: no callback for {job} within 60 s")
             time.sleep(0.05)  # the delete lands: one job in the system at a time
+        if isinstance(c, DaemonProcess):  # where the daemon's time goes: its stage histograms, its callbacks
+            where = {"stage_means_ms": _stage_means(c.metrics())} | _split(b, sent, SINGLE_LATENCY)
     ms = _overheads(b, sent, SINGLE_LATENCY)
     return {"jobs": jobs, "p50_ms": round(percentile(ms, 50), 1), "p99_ms": round(percentile(ms, 99), 1),
-            "samples_ms": [round(x, 1) for x in ms]}
+            **where, "samples_ms": [round(x, 1) for x in ms]}
 
 
 def load(b: Bench, kind: str, seconds: float) -> dict[str, Any]:
