@@ -271,7 +271,7 @@ def cut(path: Path, info: AudioInfo, limits: AudioLimits, workdir: Path, *,
         max_total_seconds: float | None = None, parts_hint: int = 1) -> Cut:
     """The files to transcribe: the original if it fits `limits` as it is and needs no cutting; else parts.
 
-    A recording longer than `parts_hint` minutes is cut into `parts_hint` parts (TRANSCRIBE_PARALLELISM)
+    A recording longer than `parts_hint` minutes is cut into `parts_hint` parts (transcribe.parts_hint)
     so they can be sent side by side (each a little shorter than the one before: `TRANSCODE_TAPER`,
     `COPY_TAPER`); more where `limits` demand. Parts are packet copies of the original
     when the transcriber takes its codec (`consumer.audio_copy`), else a 16 kHz mono transcode (FLAC from

@@ -260,7 +260,7 @@ class SplitPlan:
         """Spread the expected duration over chunks: the fewest under max_seconds, at least `parts_hint`.
 
         Parts sent side by side finish together when they are equally long and ready together, so a
-        recording is cut into `parts_hint` parts (TRANSCRIBE_PARALLELISM) for latency, none shorter than
+        recording is cut into `parts_hint` parts (transcribe.parts_hint) for latency, none shorter than
         `MIN_PART_SECONDS`; more only where max_seconds demands it. A cut that makes its parts one after
         another passes `taper` < 1: each part is then that much shorter than the one before,
         since it is ready later, so that all finish about together (not when the parts are sent one at a

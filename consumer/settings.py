@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     )
     transcribe_timeout: float = Field(600, gt=0, description="Seconds one transcription request may take.")
     transcribe_parallelism: int = Field(
-        8, ge=1, le=16, description="Parts of one recording sent at once; a long one is cut into this many."
+        8, ge=1, le=16, description="Parts of one recording sent at once; a long one is cut into this many "
+        "(local model: at most two per worker)."
     )
     transcribe_max_requests: int = Field(
         16, ge=1, le=256, description="Transcription requests in flight at once, all jobs together."
