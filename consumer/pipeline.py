@@ -203,7 +203,7 @@ class Pipeline:
                 if attempt.expired:
                     raise PermanentError(f"the job is older than MAX_JOB_AGE ({self.settings.max_job_age:.0f} s)",
                                          code="job_expired")
-                if isinstance(fetched, BaseException):
+                if isinstance(fetched, Exception):
                     attempt.stage = "download"
                     raise fetched
                 assert attempt.handle is not None and jobdir is not None

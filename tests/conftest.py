@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,11 +134,15 @@ def run_daemon(make_settings: Callable[..., Settings], aws: AwsStack) -> Iterato
     """Start the daemon in a thread of this process (with real clients); stopped at teardown."""
     running: list[RunningDaemon] = []
 
-    def start(*, serve: bool = False, drain: bool = False, transcriber: Any = None, **overrides: Any) -> RunningDaemon:
+    def start(*, serve: bool = False, drain: bool = False, transcriber: Any = None,
+              s3_hooks: Iterable[Callable[..., Any]] = (), **overrides: Any) -> RunningDaemon:
+        """`s3_hooks`: botocore before-send handlers on the daemon's own S3 client, registered before it starts."""
         settings = make_settings(**overrides)
         from consumer.aws import make_clients
 
         sqs, s3 = make_clients(settings)
+        for hook in s3_hooks:
+            s3.meta.events.register("before-send.s3.*", hook)
         daemon = build_daemon(settings, sqs=sqs, s3=s3, transcriber=transcriber)
         if serve:
             daemon.serve(host="127.0.0.1", port=0)

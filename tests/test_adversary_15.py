@@ -102,36 +102,11 @@ def path_of(request: Any) -> str:
     return str(request.url).split("?")[0]
 
 
-@pytest.fixture
-def hooked_daemon(make_settings: Callable[..., Any], aws: AwsStack) -> Iterator[Callable[..., RunningDaemon]]:
-    """Like run_daemon, but S3 before-send hooks are registered on the daemon's client before it starts."""
-    from consumer.app import build_daemon
-    from consumer.aws import make_clients
-
-    running: list[RunningDaemon] = []
-
-    def start(*hooks: Callable[..., Any], **overrides: Any) -> RunningDaemon:
-        settings = make_settings(**overrides)
-        sqs, s3 = make_clients(settings)
-        for hook in hooks:
-            s3.meta.events.register("before-send.s3.*", hook)
-        daemon = build_daemon(settings, sqs=sqs, s3=s3)
-        rd = RunningDaemon(daemon, threading.Thread(target=lambda: rd.result.append(daemon.run()), daemon=True))
-        rd.thread.start()
-        running.append(rd)
-        return rd
-
-    yield start
-    for rd in running:
-        if rd.thread.is_alive():
-            rd.stop()
-
-
 # ---------------------------------------------------------------------------------------------- duplicates
 
 
 @pytest.mark.parametrize("daemons", [1, 2])
-def test_copies_of_one_job_given_out_at_once_transcribe_and_call_back_once(hooked_daemon, aws, openai_stub,
+def test_copies_of_one_job_given_out_at_once_transcribe_and_call_back_once(run_daemon, aws, openai_stub,
                                                                            wordpress, tmp_path, daemons):
     """Two copies of job `dup` are taken together, by two workers of one daemon or by two daemons: both
     downloads are held until both are on the wire, so both claims go out beside them. One transcribes; the
@@ -151,11 +126,11 @@ def test_copies_of_one_job_given_out_at_once_transcribe_and_call_back_once(hooke
     send_job(aws, "dup", "audio/dup.wav")
     send_job(aws, "dup", "audio/dup.wav")
     if daemons == 1:
-        running = [hooked_daemon(both_downloads_in_flight, concurrency=2, visibility_timeout=4)]
+        running = [run_daemon(s3_hooks=[both_downloads_in_flight], concurrency=2, visibility_timeout=4)]
     else:
-        running = [hooked_daemon(both_downloads_in_flight, concurrency=1, visibility_timeout=4),
+        running = [run_daemon(s3_hooks=[both_downloads_in_flight], concurrency=1, visibility_timeout=4),
                    # Its own TEMP_DIR: in one process both would share (and the second clear) the pid's workdir.
-                   hooked_daemon(both_downloads_in_flight, concurrency=1, visibility_timeout=4,
+                   run_daemon(s3_hooks=[both_downloads_in_flight], concurrency=1, visibility_timeout=4,
                                  temp_dir=str(tmp_path / "b"))]
     wait_for(lambda: story(wordpress, "dup"), timeout=30, what="the callback")
     wait_for(lambda: settled(aws), timeout=40, what="both copies settled")
@@ -187,7 +162,7 @@ def test_a_copy_meeting_another_deliverys_claim_defers_as_the_claim_and_keeps_no
 # ---------------------------------------------------------------------------------------------- S3 errors on one side
 
 
-def test_an_s3_error_on_the_claim_while_the_download_succeeds_is_the_claims(hooked_daemon, aws, openai_stub,
+def test_an_s3_error_on_the_claim_while_the_download_succeeds_is_the_claims(run_daemon, aws, openai_stub,
                                                                            wordpress):
     """S3 throttles the job record (every request, for one receive) while the recording downloads fine: the
     attempt is retried as s3_unavailable at the `claim` stage, WordPress hears nothing, nothing is paid for;
@@ -200,7 +175,7 @@ def test_an_s3_error_on_the_claim_while_the_download_succeeds_is_the_claims(hook
         return slow_down() if armed.is_set() and path_of(request).endswith("/c1.job.json") else None
 
     send_job(aws, "c1", "audio/c1.wav")
-    rd = hooked_daemon(record_throttled)
+    rd = run_daemon(s3_hooks=[record_throttled])
     wait_for(lambda: errors(rd), timeout=30, what="the first attempt's error")
     assert errors(rd) == {("claim", "s3_unavailable"): 1} and openai_stub.count() == 0 and not wordpress.received
     assert leftovers(rd) == []
@@ -212,7 +187,7 @@ def test_an_s3_error_on_the_claim_while_the_download_succeeds_is_the_claims(hook
 
 
 def test_an_s3_error_on_the_download_while_the_claim_succeeds_is_the_downloads_and_frees_the_claim(
-        hooked_daemon, aws, openai_stub, wordpress):
+        run_daemon, aws, openai_stub, wordpress):
     """The claim is written; S3 throttles the recording's GET: retried as s3_unavailable at the `download`
     stage, the claim given back (the next delivery need not wait for it), then the job completes once."""
     upload(aws, "audio/d1.wav")
@@ -223,7 +198,7 @@ def test_an_s3_error_on_the_download_while_the_claim_succeeds_is_the_downloads_a
         return slow_down() if armed.is_set() and path_of(request).endswith("/audio/d1.wav") else None
 
     send_job(aws, "d1", "audio/d1.wav")
-    rd = hooked_daemon(audio_throttled)
+    rd = run_daemon(s3_hooks=[audio_throttled])
     wait_for(lambda: errors(rd), timeout=30, what="the first attempt's error")
     assert errors(rd) == {("download", "s3_unavailable"): 1}
     wait_for(lambda: record(aws, "d1").claim is None, timeout=10, what="the claim given back")
@@ -234,7 +209,7 @@ def test_an_s3_error_on_the_download_while_the_claim_succeeds_is_the_downloads_a
     assert story(wordpress, "d1") == [("completed", 200)] and openai_stub.count() == 1
 
 
-def test_an_s3_error_on_both_sides_is_counted_once_at_the_claim(hooked_daemon, aws, openai_stub, wordpress):
+def test_an_s3_error_on_both_sides_is_counted_once_at_the_claim(run_daemon, aws, openai_stub, wordpress):
     """The record and the recording both throttled: one error, named after the claim (the record is what
     was not known), not two, and not a stopped download."""
     upload(aws, "audio/b1.wav")
@@ -246,7 +221,7 @@ def test_an_s3_error_on_both_sides_is_counted_once_at_the_claim(hooked_daemon, a
         return slow_down() if armed.is_set() and hit else None
 
     send_job(aws, "b1", "audio/b1.wav")
-    rd = hooked_daemon(both_throttled)
+    rd = run_daemon(s3_hooks=[both_throttled])
     wait_for(lambda: errors(rd), timeout=30, what="the first attempt's error")
     armed.clear()
     wait_for(lambda: story(wordpress, "b1"), timeout=30, what="the callback")
@@ -408,14 +383,14 @@ def _hold_the_claim(job: str) -> tuple[Callable[..., None], threading.Event, thr
     return hook, held, release
 
 
-def test_a_stop_while_the_claim_is_in_flight_finishes_the_job_within_the_grace(hooked_daemon, aws, openai_stub,
+def test_a_stop_while_the_claim_is_in_flight_finishes_the_job_within_the_grace(run_daemon, aws, openai_stub,
                                                                                wordpress):
     """SIGTERM (the stop event) while the claim is on the wire: the claim comes back within SHUTDOWN_GRACE
     and the job is finished, once, before the daemon stops."""
     upload(aws, "audio/s1.wav")
     hook, held, release = _hold_the_claim("s1")
     send_job(aws, "s1", "audio/s1.wav")
-    rd = hooked_daemon(hook, shutdown_grace=20)
+    rd = run_daemon(s3_hooks=[hook], shutdown_grace=20)
     wait_for(held.is_set, timeout=30, what="the claim on the wire")
     rd.daemon.worker.request_stop()
     release.set()
@@ -424,7 +399,7 @@ def test_a_stop_while_the_claim_is_in_flight_finishes_the_job_within_the_grace(h
     assert not rd.daemon.workdir.exists()
 
 
-def test_a_job_handed_back_with_its_claim_in_flight_is_taken_at_once_by_the_next_daemon(hooked_daemon, aws,
+def test_a_job_handed_back_with_its_claim_in_flight_is_taken_at_once_by_the_next_daemon(run_daemon, aws,
                                                                                         openai_stub, wordpress):
     """SHUTDOWN_GRACE runs out while the claim is on the wire: the message is handed back. The claim then
     lands; the stopping delivery must not start anything and must give the claim back, so the next daemon
@@ -432,13 +407,13 @@ def test_a_job_handed_back_with_its_claim_in_flight_is_taken_at_once_by_the_next
     upload(aws, "audio/s2.wav")
     hook, held, release = _hold_the_claim("s2")
     send_job(aws, "s2", "audio/s2.wav")
-    first = hooked_daemon(hook, shutdown_grace=0)
+    first = run_daemon(s3_hooks=[hook], shutdown_grace=0)
     wait_for(held.is_set, timeout=30, what="the claim on the wire")
     assert first.stop(timeout=20) == 0
     release.set()  # the claim lands after the hand-back
     wait_for(lambda: store(aws).read("s2") and record(aws, "s2").claim is None, timeout=15,
              what="the late claim given back")
-    hooked_daemon()
+    run_daemon()
     wait_for(lambda: story(wordpress, "s2"), timeout=15, what="the next daemon's callback")
     assert story(wordpress, "s2") == [("completed", 200)] and openai_stub.count() == 1
 

@@ -234,21 +234,16 @@ def _rate_limited(delay):
     return RetryableError("429", code="rate_limited", delay=delay)
 
 
-def test_a_new_job_costs_three_s3_requests_before_its_callback(make_settings, aws, openai_stub, wordpress):
+def test_a_new_job_costs_three_s3_requests_before_its_callback(run_daemon, aws, openai_stub, wordpress):
     """Claim (create), recording (GET), transcript with its outcome (PUT); the acknowledgement after."""
-    from consumer.app import build_daemon
-    from consumer.aws import make_clients
-
-    settings = make_settings()
-    sqs, s3 = make_clients(settings)
     calls: list[tuple[str, int]] = []  # (S3 operation, callbacks WordPress had taken in when it was sent)
-    s3.meta.events.register("before-send.s3.*", lambda request, **kw: calls.append(
-        (request.method + " " + request.url.split("?")[0].rsplit("/", 1)[-1], len(wordpress.received))))
+
+    def note(request, **_) -> None:
+        calls.append((request.method + " " + request.url.split("?")[0].rsplit("/", 1)[-1], len(wordpress.received)))
+
     upload(aws, "audio/rt.wav")
     send_job(aws, "rt", "audio/rt.wav")
-    daemon = build_daemon(settings, sqs=sqs, s3=s3)
-    runner = threading.Thread(target=lambda: daemon.run(drain=True), daemon=True)
-    runner.start()
+    runner = run_daemon(drain=True, s3_hooks=[note]).thread
     runner.join(60)
     assert not runner.is_alive() and story(wordpress, "rt") == [("completed", 200)]
     before = [op for op, seen in calls if seen == 0]
